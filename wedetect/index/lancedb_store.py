@@ -1,0 +1,252 @@
+"""Embedded default backend: a LanceDB database (a local directory or an object-store URI).
+
+Three tables: ``proposals`` (one row per proposal, search vector included), ``images`` (one row
+per image, written after its proposals, so it doubles as the commit marker) and ``meta`` (one
+JSON row with :class:`IndexMeta`, written last at creation, so its presence means "a complete
+index"). Every LanceDB append is an atomic versioned commit.
+
+Search is exact (a streamed float32 matmul, optionally on GPU) until :meth:`build_ann_index`
+creates an IVF-PQ index on the vector column; ANN results are re-ranked on the stored float32
+vectors (``refine_factor``) and their logits recomputed exactly.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from wedetect.errors import WeDetectError
+from wedetect.index.store import (
+    EXACT_CHUNK_ROWS,
+    ImageRecord,
+    IndexMeta,
+    ObjectIndexError,
+    ProposalBatch,
+    RawHits,
+    VectorStore,
+    exact_search,
+)
+
+_DELETE_CHUNK = 1000
+# Exact search keeps the proposals in memory between queries up to this size.
+_CACHE_BYTES = 2 << 30
+
+
+def _proposal_schema(vector_dim: int) -> pa.Schema:
+    return pa.schema(
+        [
+            ("image_id", pa.int64()),
+            ("rank", pa.int32()),
+            ("box", pa.list_(pa.float32(), 4)),
+            ("score", pa.float32()),
+            ("level", pa.int8()),
+            ("logit_scale", pa.float32()),
+            ("logit_bias", pa.float32()),
+            ("vector", pa.list_(pa.float32(), vector_dim)),
+        ]
+    )
+
+
+_IMAGE_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.int64()),
+        ("path", pa.string()),
+        ("hash", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("num_proposals", pa.int32()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("file_size", pa.int64()),
+        ("indexed_at", pa.float64()),
+    ]
+)
+
+
+def _fixed_list(a: np.ndarray, size: int, typ: pa.DataType) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(a, dtype=typ.to_pandas_dtype()).ravel(), typ), size)
+
+
+def batch_to_arrow(batch: ProposalBatch, vector_dim: int) -> pa.Table:
+    return pa.table(
+        {
+            "image_id": pa.array(batch.image_id.astype(np.int64)),
+            "rank": pa.array(batch.rank.astype(np.int32)),
+            "box": _fixed_list(batch.box, 4, pa.float32()),
+            "score": pa.array(batch.score.astype(np.float32)),
+            "level": pa.array(batch.level.astype(np.int8)),
+            "logit_scale": pa.array(batch.logit_scale.astype(np.float32)),
+            "logit_bias": pa.array(batch.logit_bias.astype(np.float32)),
+            "vector": _fixed_list(batch.vector, vector_dim, pa.float32()),
+        },
+        schema=_proposal_schema(vector_dim),
+    )
+
+
+def arrow_to_batch(t: pa.Table | pa.RecordBatch) -> ProposalBatch:
+    def fixed(name: str) -> np.ndarray:
+        col = t.column(name)
+        if isinstance(col, pa.ChunkedArray):
+            col = col.combine_chunks()
+        width = col.type.list_size
+        return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+
+    def flat(name: str) -> np.ndarray:
+        return np.asarray(t.column(name).to_numpy())
+
+    return ProposalBatch(
+        image_id=flat("image_id"),
+        rank=flat("rank"),
+        box=fixed("box"),
+        score=flat("score"),
+        level=flat("level"),
+        logit_scale=flat("logit_scale"),
+        logit_bias=flat("logit_bias"),
+        vector=fixed("vector"),
+    )
+
+
+def _id_filter(image_ids: Sequence[int]) -> str:
+    return "image_id IN (" + ",".join(str(int(i)) for i in image_ids) + ")"
+
+
+class LanceDBStore(VectorStore):
+    """LanceDB-backed :class:`VectorStore`; ``device`` is where exact search runs."""
+
+    def __init__(self, location: str, *, meta: IndexMeta | None = None, device: str = "cpu") -> None:
+        import lancedb
+
+        self.location = location
+        self.device = device
+        is_local = "://" not in location
+        if is_local:
+            path = Path(location)
+            if meta is None and not path.exists():
+                raise ObjectIndexError(f"index {location} does not exist; build it with `wedetect index add`")
+            if path.exists() and not path.is_dir():
+                raise ObjectIndexError(f"index path {location} is a file, expected a directory")
+        self._db = lancedb.connect(location)
+        names = set(self._db.list_tables().tables)
+        if "meta" in names:
+            stored = IndexMeta.from_dict(json.loads(self._db.open_table("meta").to_arrow().column("json")[0].as_py()))
+            if meta is not None:
+                stored.check_compatible(meta)
+            self.meta = stored
+        elif meta is None:
+            raise ObjectIndexError(f"{location} is not a wedetect index (no index metadata found)")
+        else:
+            if is_local and any(p for p in Path(location).iterdir() if p.name.removesuffix(".lance") not in {"images", "proposals"}):
+                raise ObjectIndexError(f"{location} is a non-empty directory that is not a wedetect index")
+            # Tables first, meta last: a crash here leaves no meta, and the next run recreates.
+            for name, schema in (("proposals", _proposal_schema(meta.vector_dim)), ("images", _IMAGE_SCHEMA)):
+                self._db.create_table(name, schema=schema, exist_ok=True)
+            self._db.create_table("meta", data=pa.table({"json": [json.dumps(meta.to_dict())]}))
+            self.meta = meta
+        self._proposals = self._db.open_table("proposals")
+        self._images = self._db.open_table("images")
+        self._cache: tuple[int, list[ProposalBatch]] | None = None
+
+    # --- writes ---------------------------------------------------------------------------
+    def _append_proposals(self, batch: ProposalBatch) -> None:
+        self._proposals.add(batch_to_arrow(batch, self.meta.vector_dim))
+
+    def _append_images(self, records: list[ImageRecord]) -> None:
+        cols = {name: [getattr(r, name) for r in records] for name in _IMAGE_SCHEMA.names}
+        self._images.add(pa.table(cols, schema=_IMAGE_SCHEMA))
+
+    def _delete(self, table: str, image_ids: Sequence[int]) -> None:
+        tbl = self._images if table == "images" else self._proposals
+        ids = list(image_ids)
+        for i in range(0, len(ids), _DELETE_CHUNK):
+            tbl.delete(_id_filter(ids[i : i + _DELETE_CHUNK]))
+
+    # --- reads ----------------------------------------------------------------------------
+    def count_proposals(self) -> int:
+        return int(self._proposals.count_rows())
+
+    def _scan(self, table, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+        yield from table.search().select(columns).to_batches(batch_size=batch_rows)
+
+    def _proposal_image_ids(self) -> np.ndarray:
+        parts = [b.column("image_id").to_numpy() for b in self._scan(self._proposals, ["image_id"], 1 << 20)]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+    def images(self) -> list[ImageRecord]:
+        t = self._images.to_arrow()
+        return [ImageRecord(**row) for row in t.to_pylist()]
+
+    def image_records(self, image_ids: Sequence[int]) -> dict[int, ImageRecord]:
+        out: dict[int, ImageRecord] = {}
+        ids = list(dict.fromkeys(int(i) for i in image_ids))
+        for i in range(0, len(ids), _DELETE_CHUNK):
+            rows = self._images.search().where(_id_filter(ids[i : i + _DELETE_CHUNK])).limit(None).to_arrow()
+            out.update({r["image_id"]: ImageRecord(**r) for r in rows.to_pylist()})
+        return out
+
+    def iter_proposals(self, batch_rows: int = EXACT_CHUNK_ROWS) -> Iterator[ProposalBatch]:
+        for b in self._scan(self._proposals, _proposal_schema(self.meta.vector_dim).names, batch_rows):
+            yield arrow_to_batch(b)
+
+    def _exact_batches(self) -> Iterator[ProposalBatch] | list[ProposalBatch]:
+        version = self._proposals.version
+        if self._cache is not None and self._cache[0] == version:
+            return self._cache[1]
+        if self.count_proposals() * self.meta.vector_dim * 4 <= _CACHE_BYTES:
+            batches = list(self.iter_proposals())
+            self._cache = (version, batches)
+            return batches
+        return self.iter_proposals()
+
+    def has_ann_index(self) -> bool:
+        return any("vector" in idx.columns for idx in self._proposals.list_indices())
+
+    def search(
+        self,
+        queries: np.ndarray,
+        limit: int,
+        *,
+        exact: bool | None = None,
+        nprobes: int = 32,
+        refine_factor: int = 10,
+    ) -> list[RawHits]:
+        if limit <= 0:
+            raise WeDetectError("search limit must be positive")
+        if exact or (exact is None and not self.has_ann_index()):
+            return exact_search(self._exact_batches(), queries, limit, device=self.device)
+        out = []
+        for q in np.asarray(queries, dtype=np.float32):
+            t = (
+                self._proposals.search(q, vector_column_name="vector")
+                .distance_type("dot")
+                .nprobes(nprobes)
+                .refine_factor(refine_factor)
+                .limit(limit)
+                .to_arrow()
+            )
+            rows = arrow_to_batch(t)
+            # Logits from the stored float32 vectors, not Lance's distance, so exact and ANN agree.
+            logits = (torch.from_numpy(rows.vector) @ torch.from_numpy(q)).numpy()
+            order = np.argsort(-logits, kind="stable")
+            out.append(RawHits(rows.take(order), logits[order].astype(np.float32)))
+        return out
+
+    def build_ann_index(self, *, num_partitions: int | None = None, num_sub_vectors: int | None = None, **_) -> dict:
+        n = self.count_proposals()
+        if n < 256:
+            raise WeDetectError(f"the index holds {n} proposals; an ANN index needs at least 256 (exact search is used)")
+        # About sqrt(N) partitions, each holding a few thousand rows; 16-d PQ sub-vectors.
+        parts = num_partitions or max(1, min(int(np.sqrt(n)), n // 256))
+        subs = num_sub_vectors or self.meta.vector_dim // 16
+        self._proposals.create_index(
+            metric="dot",
+            vector_column_name="vector",
+            index_type="IVF_PQ",
+            num_partitions=parts,
+            num_sub_vectors=subs,
+            replace=True,
+        )
+        return {"index_type": "IVF_PQ", "num_partitions": parts, "num_sub_vectors": subs, "rows": n}

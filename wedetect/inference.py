@@ -1,0 +1,338 @@
+"""Public inference API: ``WeDetect`` (open-vocabulary detector) and ``WeDetectUni`` (proposals)."""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import build_from_checkpoint, load_official, save_official
+from .config import ModelConfig
+from .data.io import ImageInput, ImageReadError, image_name, load_bgr, load_pil_rgb
+from .data.letterbox import letterbox_detector, letterbox_uni, to_tensor
+from .errors import WeDetectError
+from .models.detector import WeDetectModel, WeDetectUniModel
+from .models.head import flatten_levels
+from .postprocess import PostprocessConfig, detector_postprocess, uni_postprocess
+from .structures import Detections, LetterboxMeta
+
+BLANK_PROMPT = " "  # the official demo appends this prompt after the user's classes
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype.lower()]
+    except KeyError:
+        raise WeDetectError(f"unknown dtype {dtype!r}; choose float32, float16 or bfloat16") from None
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise WeDetectError(f"unknown device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise WeDetectError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def _as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
+    if isinstance(images, (str, os.PathLike, np.ndarray)) or not isinstance(images, Iterable):
+        return [images]
+    return list(images)
+
+
+class _Runner:
+    """Shared batching: decode + letterbox each image, run the network per batch, post-process."""
+
+    model: torch.nn.Module
+    device: torch.device
+    dtype: torch.dtype
+
+    def _prepare(self, image: ImageInput) -> tuple[np.ndarray, LetterboxMeta]:
+        raise NotImplementedError
+
+    def _run(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        batch_size: int,
+        progress: bool,
+        on_error: str,
+        process: Callable[[torch.Tensor, list[LetterboxMeta]], list[Detections]],
+    ) -> list[Detections]:
+        if on_error not in ("raise", "skip"):
+            raise WeDetectError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+        if batch_size < 1:
+            raise WeDetectError("batch_size must be at least 1")
+        items = _as_list(images)
+        results: list[Detections | None] = [None] * len(items)
+        pending: list[tuple[int, np.ndarray, LetterboxMeta]] = []
+
+        def flush() -> None:
+            batch = to_tensor([p[1] for p in pending]).to(self.device, self.dtype)
+            for (i, _, _), det in zip(pending, process(batch, [p[2] for p in pending])):
+                det.path = image_name(items[i], i)
+                results[i] = det
+            pending.clear()
+
+        for i, image in enumerate(tqdm(items, desc="images", unit="img", disable=not progress)):
+            try:
+                arr, meta = self._prepare(image)
+            except ImageReadError as e:
+                if on_error == "raise":
+                    raise
+                results[i] = Detections.failed(image_name(image, i), str(e))
+                continue
+            pending.append((i, arr, meta))
+            if len(pending) == batch_size:
+                flush()
+        if pending:
+            flush()
+        return results  # type: ignore[return-value]
+
+
+class WeDetect(_Runner):
+    """Open-vocabulary detector: set class names once, then detect them in any number of images.
+
+    >>> model = WeDetect.from_pretrained("wedetect_base.pth", tokenizer="xlm-roberta-base/tokenizer.json")
+    >>> model.set_classes(["鞋", "床"])
+    >>> results = model.predict(["a.jpg"], threshold=0.3)
+    """
+
+    def __init__(
+        self,
+        model: WeDetectModel,
+        tokenizer=None,
+        device: str | torch.device | None = "cpu",
+        dtype: str | torch.dtype = "float32",
+        postprocess: PostprocessConfig = PostprocessConfig(),
+    ) -> None:
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype)
+        self.model = model.eval().to(self.device)
+        # The text tower runs once per class list, so it stays in float32; the vision path takes `dtype`.
+        for part in (model.image_tower, model.neck, model.head):
+            part.to(self.dtype)
+        self.tokenizer = tokenizer
+        self.postprocess_cfg = postprocess
+        self._text_cache: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
+        self._class_embeds: torch.Tensor | None = None
+        self._prompts: list[str] = []
+        self._num_classes = 0
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        checkpoint: str | os.PathLike,
+        tokenizer=None,
+        size: str | None = None,
+        device: str | torch.device | None = "cpu",
+        dtype: str | torch.dtype = "float32",
+        strict: bool = True,
+    ) -> "WeDetect":
+        """Load an official (or our) detector checkpoint; ``tokenizer`` is a path, hub name or tokenizer."""
+        from .models.text import load_tokenizer
+
+        model = build_from_checkpoint(load_official(checkpoint, "detector"), size=size, strict=strict)
+        tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+        return cls(model, tok, device=device, dtype=dtype)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def class_names(self) -> list[str]:
+        return self._prompts[: self._num_classes]
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the weights in the official checkpoint layout (.pth or .safetensors)."""
+        save_official(self.model, path)
+
+    # -- text ---------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_token_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Prompt embeddings (K, 768), float32, from already tokenised prompts."""
+        return self.model.encode_text(input_ids.to(self.device), attention_mask.to(self.device)).float()
+
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """Unit-length embeddings (K, 768) of prompts, tokenised together as the official code does.
+
+        Results are cached per prompt list, so repeated queries cost nothing.
+        """
+        texts = list(texts)
+        if not texts:
+            raise WeDetectError("no text to embed")
+        if any(not isinstance(t, str) for t in texts):
+            raise WeDetectError("prompts must be strings")
+        key = tuple(texts)
+        if key in self._text_cache:
+            self._text_cache.move_to_end(key)
+            return self._text_cache[key]
+        if self.tokenizer is None:
+            from .models.text import load_tokenizer
+
+            self.tokenizer = load_tokenizer(None)  # raises with instructions unless WEDETECT_TOKENIZER is set
+        tokens = self.tokenizer(texts, return_tensors="pt", padding=True)
+        emb = self.encode_token_ids(tokens["input_ids"], tokens["attention_mask"])
+        self._text_cache[key] = emb
+        if len(self._text_cache) > 64:
+            self._text_cache.popitem(last=False)
+        return emb
+
+    def set_classes(self, names: Sequence[str], blank: bool = True) -> None:
+        """Use these class names as prompts (the official blank ``' '`` prompt is appended unless ``blank=False``)."""
+        names = [n for n in names]
+        if not names:
+            raise WeDetectError("no class names given")
+        if any(not isinstance(n, str) or not n.strip() for n in names):
+            raise WeDetectError("class names must be non-empty strings")
+        prompts = names + ([BLANK_PROMPT] if blank else [])
+        self._set(self.encode_text(prompts), prompts, len(names))
+
+    def set_class_embeddings(
+        self, embeddings: torch.Tensor | np.ndarray, names: Sequence[str], blank_embedding=None
+    ) -> None:
+        """Use precomputed prompt embeddings (K, 768), e.g. from ``wedetect class-embeddings``."""
+        emb = torch.as_tensor(np.asarray(embeddings) if not isinstance(embeddings, torch.Tensor) else embeddings)
+        if emb.ndim != 2 or emb.shape[1] != self.config.embed_dim or emb.shape[0] != len(names):
+            raise WeDetectError(
+                f"embeddings must be (len(names)={len(names)}, {self.config.embed_dim}); got {tuple(emb.shape)}"
+            )
+        prompts = list(names)
+        if blank_embedding is not None:
+            emb = torch.cat([emb, torch.as_tensor(blank_embedding).reshape(1, -1).to(emb)])
+            prompts.append(BLANK_PROMPT)
+        self._set(emb.float().to(self.device), prompts, len(names))
+
+    def _set(self, emb: torch.Tensor, prompts: list[str], num_classes: int) -> None:
+        self._class_embeds, self._prompts, self._num_classes = emb, prompts, num_classes
+
+    # -- images ---------------------------------------------------------------------------------------
+    def _prepare(self, image: ImageInput) -> tuple[np.ndarray, LetterboxMeta]:
+        return letterbox_detector(load_bgr(image), self.config.input_size)
+
+    @torch.inference_mode()
+    def forward_raw(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Network only: flattened logits (B, N, K) and decoded input-pixel boxes (B, N, 4), float32."""
+        if self._class_embeds is None:
+            raise WeDetectError("call set_classes() (or set_class_embeddings()) before predicting")
+        text = self._class_embeds.to(self.dtype).expand(batch.shape[0], -1, -1)
+        cls_logits, reg_raw = self.model(batch.to(self.device, self.dtype), text)
+        logits, boxes = self.model.decode(cls_logits, reg_raw)
+        return logits.float(), boxes.float()
+
+    def predict(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        threshold: float = 0.3,
+        max_detections: int = 100,
+        batch_size: int = 8,
+        keep_blank: bool = False,
+        progress: bool = False,
+        on_error: str = "raise",
+    ) -> list[Detections]:
+        """Detect the current classes; one ``Detections`` per image, sorted by score.
+
+        The official post-processing (score > 0.001, NMS 0.7, best 300) runs first; then detections with
+        score > ``threshold`` are kept, at most ``max_detections`` (the official demo's --threshold/--topk).
+        Detections of the blank prompt are dropped unless ``keep_blank``. ``on_error="skip"`` returns a
+        failed ``Detections`` (with ``error`` set) for unreadable images instead of raising.
+        """
+
+        def process(batch: torch.Tensor, metas: list[LetterboxMeta]) -> list[Detections]:
+            logits, boxes = self.forward_raw(batch)
+            out = []
+            for lg, bx, meta in zip(logits, boxes, metas):
+                b, s, lab = detector_postprocess(lg, bx, meta, self.postprocess_cfg)
+                keep = s > threshold
+                if not keep_blank:
+                    keep &= lab < self._num_classes
+                b, s, lab = b[keep][:max_detections], s[keep][:max_detections], lab[keep][:max_detections]
+                out.append(Detections(b.cpu(), s.cpu(), lab.cpu(), [self._prompts[i] for i in lab.tolist()],
+                                      image_size=meta.orig_size))
+            return out
+
+        return self._run(images, batch_size, progress, on_error, process)
+
+
+class WeDetectUni(_Runner):
+    """Class-agnostic proposals with per-box embeddings, as the official proposal script computes them."""
+
+    def __init__(self, model: WeDetectUniModel, device: str | torch.device | None = "cpu",
+                 dtype: str | torch.dtype = "float32") -> None:
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype)
+        self.model = model.eval().to(self.device, self.dtype)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        checkpoint: str | os.PathLike,
+        size: str | None = None,
+        device: str | torch.device | None = "cpu",
+        dtype: str | torch.dtype = "float32",
+        strict: bool = True,
+    ) -> "WeDetectUni":
+        model = build_from_checkpoint(load_official(checkpoint, "uni"), size=size, strict=strict)
+        return cls(model, device=device, dtype=dtype)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    def save(self, path: str | os.PathLike) -> None:
+        save_official(self.model, path)
+
+    def _prepare(self, image: ImageInput) -> tuple[np.ndarray, LetterboxMeta]:
+        return letterbox_uni(load_pil_rgb(image), self.config.input_size)
+
+    @torch.inference_mode()
+    def forward_raw(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flattened embeddings (B, N, 768), objectness logits (B, N, P), boxes (B, N, 4), level per prior (N,)."""
+        embeds, logits, reg_raw = self.model(batch.to(self.device, self.dtype))
+        flat_logits, boxes = self.model.decode(logits, reg_raw)
+        levels = torch.cat([torch.full((e.shape[-2] * e.shape[-1],), i, dtype=torch.int64)
+                            for i, e in enumerate(embeds)]).to(boxes.device)
+        return flatten_levels(embeds).float(), flat_logits.float(), boxes.float(), levels
+
+    def propose(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        num_proposals: int = 300,
+        score_threshold: float = 0.0,
+        batch_size: int = 8,
+        progress: bool = False,
+        on_error: str = "raise",
+    ) -> list[Detections]:
+        """Best ``num_proposals`` proposals per image with score > ``score_threshold`` (the official script
+        keeps > 0.1). ``labels`` holds the objectness prompt that selected each box."""
+        contrasts = self.model.head.cls_contrasts
+        scale = torch.stack([c.logit_scale.detach().float() for c in contrasts]).to(self.device)
+        bias = torch.stack([c.bias.detach().float() for c in contrasts]).to(self.device)
+
+        def process(batch: torch.Tensor, metas: list[LetterboxMeta]) -> list[Detections]:
+            embeds, logits, boxes, levels = self.forward_raw(batch)
+            out = []
+            for emb, lg, bx, meta in zip(embeds, logits, boxes, metas):
+                b, s, lab, prior = uni_postprocess(lg, bx, meta, num_proposals=num_proposals)
+                keep = s > score_threshold
+                b, s, lab, prior = b[keep], s[keep], lab[keep], prior[keep]
+                lvl = levels[prior]
+                out.append(Detections(
+                    b.cpu(), s.cpu(), lab.cpu(), [""] * len(s), image_size=meta.orig_size,
+                    embeddings=emb[prior].cpu(), levels=lvl.cpu(),
+                    logit_scale=scale[lvl].cpu(), logit_bias=bias[lvl].cpu(),
+                ))
+            return out
+
+        return self._run(images, batch_size, progress, on_error, process)
