@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints import write_official
 from paths import parity_dir
 from wedetect import WeDetect, WeDetectUni
 from wedetect.data.io import load_bgr, load_pil_rgb
@@ -36,20 +35,6 @@ def _cases(kind: str) -> list[Path]:
 
 DETECTOR_CASES = _cases("detector")
 UNI_CASES = _cases("uni")
-
-
-@pytest.fixture(scope="session")
-def checkpoint_for(tmp_path_factory):
-    """keys file name -> path of the official-format checkpoint built from it (built once per session)."""
-    built: dict[str, Path] = {}
-
-    def get(keys_name: str) -> Path:
-        if keys_name not in built:
-            out = tmp_path_factory.mktemp("ckpt") / (Path(keys_name).stem.replace("keys_", "wedetect_") + ".pth")
-            built[keys_name] = write_official(parity_dir() / keys_name, out)
-        return built[keys_name]
-
-    return get
 
 
 def _close(ours: torch.Tensor | np.ndarray, ref: np.ndarray, rtol: float = 1e-4, what: str = "") -> None:
@@ -101,10 +86,10 @@ def match_detections(ours_boxes, ours_scores, ours_labels, ref_boxes, ref_scores
 @pytest.mark.parity
 @pytest.mark.slow
 @pytest.mark.parametrize("case", DETECTOR_CASES, ids=lambda p: p.stem)
-def test_detector_parity(case: Path, checkpoint_for):
+def test_detector_parity(case: Path, official_checkpoint):
     info = json.loads(case.read_text(encoding="utf-8"))
     ref = np.load(case.with_suffix(".npz"))
-    model = WeDetect.from_pretrained(checkpoint_for(info["keys"]))
+    model = WeDetect.from_pretrained(official_checkpoint(info["keys"]))
     assert model.config.name == info["size"]
 
     # Text tower, from the fixture's token ids (stand-ins for the real XLM-R tokenizer).
@@ -148,10 +133,10 @@ def test_detector_parity(case: Path, checkpoint_for):
 @pytest.mark.parity
 @pytest.mark.slow
 @pytest.mark.parametrize("case", UNI_CASES, ids=lambda p: p.stem)
-def test_uni_parity(case: Path, checkpoint_for):
+def test_uni_parity(case: Path, official_checkpoint):
     info = json.loads(case.read_text(encoding="utf-8"))
     ref = np.load(case.with_suffix(".npz"))
-    uni = WeDetectUni.from_pretrained(checkpoint_for(info["keys"]))
+    uni = WeDetectUni.from_pretrained(official_checkpoint(info["keys"]))
     assert uni.config.name == info["size"]
     image = case.parent / info["image"]
     rgb, _ = letterbox_uni(load_pil_rgb(image), uni.config.input_size)

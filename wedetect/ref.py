@@ -13,10 +13,11 @@ them rounded through bf16).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Union
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -24,7 +25,9 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from wedetect.data.io import ImageInput, load_pil_rgb
 from wedetect.errors import WeDetectError
+from wedetect.inference import resolve_device, resolve_dtype
 from wedetect.models.ref import (
     OBJECT_TOKEN,
     RefInputError,
@@ -35,8 +38,6 @@ from wedetect.models.ref import (
 )
 from wedetect.structures import Detections
 
-ImageInput = Union[str, Path, Image.Image, np.ndarray]
-
 QUERY_TEMPLATE = 'Please detect the "{query}" in the image'
 CAPTION_TEMPLATE = 'Please detect the "{query}" described in the caption "{caption}" in the image'
 # Visual-token budget of the official resize (upstream qwen-vl-utils uses 4 / 16384).
@@ -45,15 +46,6 @@ MAX_VISUAL_TOKENS = 1600
 MAX_ASPECT_RATIO = 200
 # The official script keeps the top 100 Uni proposals, and the model was trained with 100 per image.
 NUM_PROPOSALS = 100
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 
 
 class NoProposalsError(WeDetectError):
@@ -64,15 +56,6 @@ class Proposer(Protocol):
     """Anything that proposes boxes like ``WeDetectUni.propose``."""
 
     def propose(self, images: Sequence[Any], num_proposals: int = ..., **kwargs: Any) -> list[Detections]: ...
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[dtype.lower()]
-    except KeyError:
-        raise WeDetectError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}") from None
 
 
 def smart_resize(
@@ -101,35 +84,13 @@ def smart_resize(
     return h, w
 
 
-def load_rgb(image: ImageInput) -> tuple[Image.Image, str | None]:
-    """Decode a path / PIL image / HxWx3 uint8 RGB array into an RGB PIL image (RGBA over white)."""
-    path = None
-    if isinstance(image, (str, Path)):
-        path = str(image)
-        if not Path(path).is_file():
-            raise WeDetectError(f"image not found: {path}")
-        try:
-            image = Image.open(path)
-            image.load()
-        except OSError as e:
-            raise WeDetectError(f"cannot read image {path}: {e}") from e
-    elif isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise WeDetectError(f"expected an HxWx3 uint8 RGB array, got {image.dtype} {image.shape}")
-        image = Image.fromarray(image)
-    elif not isinstance(image, Image.Image):
-        raise WeDetectError(f"unsupported image type {type(image).__name__}; pass a path, PIL image or array")
-    if image.mode == "RGBA":
-        canvas = Image.new("RGB", image.size, (255, 255, 255))
-        canvas.paste(image, mask=image.split()[3])
-        image = canvas
-    return image.convert("RGB"), path
-
-
 def as_boxes(boxes: Any) -> Tensor:
     """Validate proposals: an (N, 4) xyxy float array, finite, with x2 >= x1 and y2 >= y1."""
-    t = torch.as_tensor(np.asarray(boxes, dtype=np.float32) if not isinstance(boxes, Tensor) else boxes)
-    t = t.detach().to("cpu", torch.float32)
+    try:
+        t = boxes.detach() if isinstance(boxes, Tensor) else torch.from_numpy(np.asarray(boxes, dtype=np.float32))
+    except (TypeError, ValueError) as e:
+        raise RefInputError(f"boxes must be an (N, 4) array of numbers: {e}") from None
+    t = t.to("cpu", torch.float32)
     if t.ndim == 1 and t.numel() == 0:
         t = t.reshape(0, 4)
     if t.ndim != 2 or t.shape[1] != 4:
@@ -207,13 +168,14 @@ class WeDetectRef:
         cls,
         ref_dir: str | Path,
         uni: str | Path | Proposer | None = None,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = "cpu",
         dtype: str | torch.dtype = "float32",
         attn_implementation: str | None = None,
         **kwargs: Any,
     ) -> "WeDetectRef":
         """Load an official-layout WeDetect-Ref folder (and optionally a WeDetect-Uni checkpoint path
-        or an already built proposer). Attention: flash-attention 2 if installed on CUDA, else SDPA."""
+        or an already built proposer). ``device="auto"`` picks CUDA when available. Attention:
+        flash-attention 2 when installed (CUDA, half precision), else SDPA."""
         from transformers import AutoProcessor
 
         ref_dir = Path(ref_dir)
@@ -223,8 +185,8 @@ class WeDetectRef:
             processor = AutoProcessor.from_pretrained(ref_dir)
         except (OSError, ValueError, TypeError) as e:
             raise WeDetectError(f"cannot load the processor/tokenizer from {ref_dir}: {e}") from e
-        torch_dtype = parse_dtype(dtype)
-        model = load_ref_model(ref_dir, processor.tokenizer, device, torch_dtype, attn_implementation)
+        device = resolve_device(device)
+        model = load_ref_model(ref_dir, processor.tokenizer, device, resolve_dtype(dtype), attn_implementation)
         if isinstance(uni, (str, Path)):
             from wedetect import WeDetectUni
 
@@ -245,7 +207,9 @@ class WeDetectRef:
         """Decode and resize an image and run the image processor (no model call)."""
         if isinstance(image, RefImage):
             return image
-        rgb, path = load_rgb(image)
+        # Decoded as the official demo does (Pillow, RGB, no EXIF rotation); Uni gets the same pixels.
+        rgb = load_pil_rgb(image)
+        path = str(image) if isinstance(image, (str, os.PathLike)) else None
         w0, h0 = rgb.size
         f = self.resize_factor
         h, w = smart_resize(h0, w0, f, self.min_visual_tokens * f * f, self.max_visual_tokens * f * f)
@@ -260,6 +224,7 @@ class WeDetectRef:
             ref_image.proposals = as_boxes(boxes)
         elif ref_image.proposals is None:
             ref_image.proposals = self.propose([ref_image])[0]
+        self._check_proposals(ref_image)
         if ref_image.features is None:
             with torch.inference_mode():
                 ref_image.features = self.model.encode_images(
@@ -271,8 +236,7 @@ class WeDetectRef:
         """Top ``num_proposals`` WeDetect-Uni boxes of each image (original pixels, Uni order)."""
         if self.uni is None:
             raise WeDetectError("no WeDetect-Uni model to propose boxes: pass uni=... or give boxes explicitly")
-        arrays = [np.asarray(im.image) for im in images]
-        dets = self.uni.propose(arrays, num_proposals=self.num_proposals, score_threshold=0.0)
+        dets = self.uni.propose([im.image for im in images], num_proposals=self.num_proposals, score_threshold=0.0)
         return [as_boxes(d.boxes[: self.num_proposals]) for d in dets]
 
     def prompt(self, query: str, num_boxes: int, caption: str | None = None) -> str:
@@ -311,7 +275,7 @@ class WeDetectRef:
             mask[i, : len(r)] = 1
         return input_ids, mask
 
-    def _checked_proposals(self, ref_image: RefImage) -> Tensor:
+    def _check_proposals(self, ref_image: RefImage) -> None:
         boxes = ref_image.proposals
         name = ref_image.path or "the image"
         if boxes is None or len(boxes) == 0:
@@ -321,7 +285,6 @@ class WeDetectRef:
                 f"{len(boxes)} proposals for {name}, but WeDetect-Ref takes at most {self.max_proposals} "
                 f"{OBJECT_TOKEN} tokens per prompt (the official setting); pass fewer boxes or raise max_proposals"
             )
-        return boxes
 
     # ---------------------------------------------------------------------------------- scoring
     @torch.inference_mode()
@@ -339,7 +302,7 @@ class WeDetectRef:
         if isinstance(queries, str) or not len(queries):
             raise WeDetectError("score_queries takes a non-empty list of queries")
         ref_image = self.encode(image, boxes)
-        proposals = self._checked_proposals(ref_image)
+        proposals = ref_image.proposals
         prompts = [self.prompt(q, len(proposals)) for q in queries]
         num_image_tokens = int(ref_image.image_grid_thw[0].prod()) // self.merge_size**2
         device = self.device
@@ -384,7 +347,7 @@ class WeDetectRef:
             check_query(q)
         if not query_list:
             raise WeDetectError("predict needs at least one query")
-        if isinstance(images, (str, Path, Image.Image, np.ndarray, RefImage)):
+        if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray, RefImage)):
             images = [images]
         if boxes is not None and len(boxes) != len(images):
             raise WeDetectError(f"got {len(boxes)} box sets for {len(images)} images")

@@ -155,11 +155,15 @@ def test_bad_detections_are_rejected(bad: dict, message: str) -> None:
             evaluate(dataset, [det(10, 1, BOX_A, 0.5), bad])
 
 
+def _add_annotation(image_id: int, category_id: int):
+    return lambda d: d["annotations"].append({"id": 9, "image_id": image_id, "category_id": category_id, "bbox": [0, 0, 1, 1]})
+
+
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda d: d["annotations"].append({"id": 9, "image_id": 999, "category_id": 1, "bbox": [0, 0, 1, 1]}), "image id 999"),
-        (lambda d: d["annotations"].append({"id": 9, "image_id": 10, "category_id": 42, "bbox": [0, 0, 1, 1]}), "category id 42"),
+        (_add_annotation(999, 1), "image id 999"),
+        (_add_annotation(10, 42), "category id 42"),
         (lambda d: d["images"].append(dict(d["images"][0])), "duplicate image id"),
         (lambda d: d.pop("categories"), "categories"),
         (lambda d: d["annotations"][0].update(bbox=[1, 2]), "malformed bbox"),
@@ -214,7 +218,8 @@ def test_perfect_proposals_recall_everything() -> None:
 def test_greedy_matching_is_not_optimal() -> None:
     # GT 0 takes proposal 0 (0.9) first, leaving GT 1 only proposal 1 (0.0); an optimal
     # assignment would give 0.7 and 0.8.
-    np.testing.assert_array_equal(greedy_best_iou(np.array([[0.9, 0.7], [0.8, 0.0]], np.float32)), np.float32([0.9, 0.0]))
+    ious = np.array([[0.9, 0.7], [0.8, 0.0]], np.float32)
+    np.testing.assert_array_equal(greedy_best_iou(ious), np.float32([0.9, 0.0]))
     # Fewer proposals than GT: the unmatched GT gets -1; no proposals at all: 0.
     np.testing.assert_array_equal(greedy_best_iou(np.array([[0.5], [0.6]], np.float32)), np.float32([-1.0, 0.6]))
     np.testing.assert_array_equal(greedy_best_iou(np.zeros((2, 0), np.float32)), [0.0, 0.0])
@@ -255,6 +260,14 @@ def test_recall_ground_truth_filtering_per_dataset_kind(tmp_path) -> None:
     save_proposals(tmp_path / "p.npz", proposals)
     loaded = load_proposals(tmp_path / "p.npz")
     assert loaded.keys() == proposals.keys() and np.array_equal(loaded[10], proposals[10])
+
+
+def test_ar_by_object_size() -> None:
+    # A small object found exactly, a large one missed: AR 1 for small, 0 for large, none medium.
+    gt = [np.array([[0, 0, 10, 10], [100, 100, 300, 300]], np.float32)]
+    result = eval_recalls(gt, [np.array([[0, 0, 10, 10]], np.float32)], gt_areas=[np.array([100.0, 40000.0])])
+    assert result.ar_by_size == {"small": [1.0, 1.0], "medium": [None, None], "large": [0.0, 0.0]}
+    assert result.ar == [0.5, 0.5]
 
 
 def test_recall_bad_input() -> None:

@@ -20,7 +20,7 @@ TINY_REF = FIXTURES / "ref_tiny"
 
 def key_list(folder: Path) -> dict[str, dict]:
     """The checkpoint's key -> {shape, dtype} listing (exactly one ``keys_*.json`` per folder)."""
-    [path] = sorted(folder.glob("keys_*.json"))
+    [path] = folder.glob("keys_*.json")
     return json.loads(path.read_text())
 
 
@@ -53,3 +53,12 @@ def ref_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_ref_dir(ref_checkpoint) -> Path:
     return ref_checkpoint(TINY_REF)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_and_processor(tiny_ref_dir):
+    """The tiny checkpoint loaded once; tests wrap it in their own WeDetectRef."""
+    from wedetect.ref import WeDetectRef
+
+    ref = WeDetectRef.from_pretrained(tiny_ref_dir)
+    return ref.model, ref.processor

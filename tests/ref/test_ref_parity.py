@@ -18,12 +18,11 @@ import torch
 
 from paths import FIXTURES, parity_dir
 
-sys.path.insert(0, str(FIXTURES))  # detweights, used by conftest's checkpoint builder
+sys.path.insert(0, str(FIXTURES))
+import detweights  # noqa: E402
 
 from wedetect.models.ref import box_position_sine, image_position_sine, rois_to_resized  # noqa: E402
 from wedetect.ref import WeDetectRef  # noqa: E402
-
-from conftest import key_list  # noqa: E402
 
 
 def ref_fixture_dirs() -> list[Path]:
@@ -70,9 +69,10 @@ def test_ref_stages(folder: Path, case: Path, ref_checkpoint) -> None:
 
     # Loading: exactly the official key set, with the values written to the checkpoint.
     state = model.state_dict()
-    assert set(state) == set(key_list(folder)), "model keys differ from the official checkpoint's"
+    [keys_file] = folder.glob("keys_*.json")
+    assert set(state) == set(json.loads(keys_file.read_text())), "model keys differ from the official checkpoint's"
     for key in ("out_proj.weight", "model.merge.weight", "model.first_scale_norm.bias"):
-        _exact(f"weight {key}", state[key], z_value(key, state[key].shape))
+        _exact(f"weight {key}", state[key], detweights.value(key, state[key].shape))
 
     # Inputs: resize, prompt, tokens, pixels.
     prepared = ref.prepare(image)
@@ -129,16 +129,9 @@ def test_ref_stages(folder: Path, case: Path, ref_checkpoint) -> None:
         _close("proposal_logits", out.proposal_logits[0], z["proposal_logits"], atol=1e-5, rtol=1e-4)
 
 
-def z_value(key: str, shape) -> np.ndarray:
-    import detweights
-
-    return detweights.value(key, tuple(shape))
-
-
 def _indices(selected: torch.Tensor, boxes: np.ndarray) -> list[int]:
     """Position of each returned box among the inputs (returned boxes are bit-exact input rows)."""
-    rows = [int(np.flatnonzero((boxes == b).all(1))[0]) for b in selected.numpy()]
-    return rows
+    return [int(np.flatnonzero((boxes == b).all(1))[0]) for b in selected.numpy()]
 
 
 @pytest.mark.parity

@@ -9,9 +9,10 @@ metric families the paper reports:
 * HumanRef: recall / precision / DensityF1 at IoU 0.5 and 0.5:0.95, rejection score;
 * D3 (DOD): COCO bbox mAP with one category per sentence, plus mAP by sentence length.
 
-By default every number reproduces the official code, quirks included (see ``docs``/spec §4.2a). The
-known flaws of the official scoring are fixed only with ``corrected=True``; each metric function lists
-what that changes.
+By default every number reproduces the official code, quirks included (float32 IoU, first-annotation-only
+gRefCOCO GT, HumanRef's ``numpy.arange`` thresholds, D3's ``split(' ')`` word count ...). The known flaws
+of the official scoring are fixed only with ``corrected=True``; each metric function lists what that
+changes.
 
 Typical use::
 
@@ -53,7 +54,10 @@ __all__ = [
     "GRefCocoDataset",
     "HumanRefDataset",
     "D3Dataset",
+    "GRefTarget",
+    "HumanRefTarget",
     "Scorer",
+    "ProposalSource",
     "bbox_overlaps",
     "postprocess_scores",
     "postprocess_dataset",
@@ -356,7 +360,10 @@ def grefcoco_metrics(
             no_target = gt.shape[0] == 0
         else:
             if not target.category_ids:
-                raise RecError(f"expression {i} has no annotation (the official metric needs one; see --corrected)")
+                raise RecError(
+                    f"expression {i} has no annotation; the official metric needs one "
+                    "(corrected=True / --corrected treats it as a no-target expression)"
+                )
             gt = np.asarray(target.boxes).reshape(-1, 4)[:1]
             no_target = target.category_ids[0] == -1
         n_pred = int(pred.shape[0])
@@ -372,7 +379,10 @@ def grefcoco_metrics(
     n_empty = len(per_sample) - n_target
     for count, name in ((n_target, "T_acc (no target expression)"), (n_empty, "N_acc (no no-target expression)")):
         if count == 0 and not corrected:
-            raise RecError(f"{name} is undefined on this split: the official metric divides by zero (see --corrected)")
+            raise RecError(
+                f"{name} is undefined on this split: the official metric divides by zero "
+                "(corrected=True / --corrected reports null)"
+            )
     metrics = {
         "F1_score": sum(s["f1"] >= 1.0 for s in per_sample) / len(per_sample) if per_sample else None,
         "T_acc": sum(not s["no_target"] and s["n_pred"] > 0 for s in per_sample) / n_target if n_target else None,
@@ -499,7 +509,9 @@ def _humanref_means(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return means
 
 
-D3_REPORTED = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l", "mAP_short", "mAP_mid", "mAP_long", "mAP_very_long")
+D3_REPORTED = (
+    "mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l", "mAP_short", "mAP_mid", "mAP_long", "mAP_very_long",
+)
 
 
 def d3_metrics(
@@ -551,7 +563,7 @@ def d3_metrics(
         p = precision[:, :, k, 0, -1]
         p = p[p > -1]
         name = names[cat_id]
-        words = len(name.split())
+        words = len(name.split()) if corrected else len(name.split(" "))
         per_sentence.append({"category_id": int(cat_id), "name": name, "words": words,
                              "ap": float(np.mean(p)) if p.size else None})
     unrounded = dict(zip(D3_REPORTED[:6], stats[:6]))
@@ -614,8 +626,15 @@ class RecDataset(ABC):
 
     @classmethod
     @abstractmethod
-    def from_folder(cls, folder: str | Path, image_root: str | Path | None = None) -> RecDataset:
-        """Read the dataset files from ``folder`` (image sizes from ``images.json``, the files, or the images)."""
+    def from_folder(
+        cls, folder: str | Path, image_root: str | Path | None = None, proposals: ProposalSource | None = None
+    ) -> RecDataset:
+        """Read the dataset files from ``folder``.
+
+        Image sizes come from ``images.json``, the dataset files, or the images under ``image_root``
+        (default: ``folder``). Proposals come from ``folder/proposals.json`` unless ``proposals`` is given
+        (HumanRef always uses its candidate boxes).
+        """
 
     @abstractmethod
     def evaluate(self, predictions: Sequence[RecPrediction], corrected: bool = False) -> dict[str, Any]:
@@ -677,10 +696,14 @@ def load_proposals(path: str | Path) -> dict[str, np.ndarray]:
     for name, value in raw.items():
         if _is_box_scores_pair(value):
             value = value[0]
-        boxes = np.asarray(value, dtype=np.float32)
-        if boxes.size == 0:
-            boxes = boxes.reshape(0, 4)
-        if boxes.ndim != 2 or boxes.shape[1] != 4:
+        if isinstance(value, list) and not value:
+            out[name] = np.zeros((0, 4), np.float32)
+            continue
+        try:
+            boxes = np.asarray(value, dtype=np.float32)
+        except (TypeError, ValueError):  # ragged or non-numeric
+            boxes = None
+        if boxes is None or boxes.ndim != 2 or boxes.shape[1] != 4:
             raise RecError(f"{path}: proposals of {name!r} are not a list of [x1, y1, x2, y2] boxes")
         out[name] = boxes
     return out
@@ -696,10 +719,21 @@ def _is_box_scores_pair(value: Any) -> bool:
     )
 
 
-def _proposals_for(proposals: dict[str, np.ndarray], name: str, size: tuple[int, int], source: Path) -> np.ndarray:
-    if name not in proposals:
-        raise RecError(f"image {name!r} has no entry in {source}")
-    return _clamp_proposals(proposals[name], *size)
+ProposalSource = Callable[[str], np.ndarray]
+"""Image file name -> its proposals (xyxy pixels, rank order); clamping and the 100 cap are applied after."""
+
+
+def _file_proposals(folder: Path) -> ProposalSource:
+    """The official source: ``proposals.json`` in the dataset folder."""
+    path = folder / "proposals.json"
+    proposals = load_proposals(path)
+
+    def lookup(name: str) -> np.ndarray:
+        if name not in proposals:
+            raise RecError(f"image {name!r} has no entry in {path}")
+        return proposals[name]
+
+    return lookup
 
 
 class RefCocoDataset(RecDataset):
@@ -717,13 +751,15 @@ class RefCocoDataset(RecDataset):
         self.splits = splits
 
     @classmethod
-    def from_folder(cls, folder: str | Path, image_root: str | Path | None = None) -> RefCocoDataset:
+    def from_folder(
+        cls, folder: str | Path, image_root: str | Path | None = None, proposals: ProposalSource | None = None
+    ) -> RefCocoDataset:
         folder = Path(folder)
         splits = [s for s in REFCOCO_SPLITS if (folder / f"{s}.json").is_file()]
         if not splits:
             raise RecError(f"no RefCOCO split file ({REFCOCO_SPLITS[0]}.json, ...) in {folder}")
         sizes = _ImageSizes(folder, _opt_path(image_root))
-        proposals = load_proposals(folder / "proposals.json")
+        proposals = proposals or _file_proposals(folder)
         samples, gts = [], []
         for split in splits:
             for entry in _read_json(folder / f"{split}.json"):
@@ -731,7 +767,7 @@ class RefCocoDataset(RecDataset):
                 samples.append(RecSample(
                     uid=entry["id"], subset=split, image=entry["image"], image_size=size,
                     expressions=(entry["conversations"][1]["value"],), labels=(0,),
-                    proposals=_proposals_for(proposals, entry["image"], size, folder / "proposals.json"),
+                    proposals=_clamp_proposals(proposals(entry["image"]), *size),
                 ))
                 # The metric reads the raw GT (not clamped), cast to float32.
                 gts.append(np.asarray(entry["bounding_boxes"], dtype=np.float32).reshape(-1, 4))
@@ -762,13 +798,15 @@ class GRefCocoDataset(RecDataset):
         self.splits = splits
 
     @classmethod
-    def from_folder(cls, folder: str | Path, image_root: str | Path | None = None) -> GRefCocoDataset:
+    def from_folder(
+        cls, folder: str | Path, image_root: str | Path | None = None, proposals: ProposalSource | None = None
+    ) -> GRefCocoDataset:
         folder = Path(folder)
         splits = [s for s in GREFCOCO_SPLITS if (folder / f"finetune_grefcoco_{s}.json").is_file()]
         if not splits:
             raise RecError(f"no gRefCOCO split file (finetune_grefcoco_val.json, ...) in {folder}")
         sizes = _ImageSizes(folder, _opt_path(image_root))
-        proposals = load_proposals(folder / "proposals.json")
+        proposals = proposals or _file_proposals(folder)
         samples, targets = [], []
         for split in splits:
             data = _read_json(folder / f"finetune_grefcoco_{split}.json")
@@ -781,7 +819,7 @@ class GRefCocoDataset(RecDataset):
                 samples.append(RecSample(
                     uid=image["id"], subset=split, image=name, image_size=size,
                     expressions=(image["caption"],), labels=(0,),
-                    proposals=_proposals_for(proposals, name, size, folder / "proposals.json"),
+                    proposals=_clamp_proposals(proposals(name), *size),
                 ))
                 own = anns.get(image["id"], [])
                 # xywh -> xyxy in float64 (the metric adds in Python floats, then compares in float32).
@@ -816,7 +854,9 @@ class HumanRefDataset(RecDataset):
         self.targets = targets
 
     @classmethod
-    def from_folder(cls, folder: str | Path, image_root: str | Path | None = None) -> HumanRefDataset:
+    def from_folder(
+        cls, folder: str | Path, image_root: str | Path | None = None, proposals: ProposalSource | None = None
+    ) -> HumanRefDataset:
         folder = Path(folder)
         path = folder / "annotations.jsonl"
         if not path.is_file():
@@ -878,12 +918,14 @@ class D3Dataset(RecDataset):
         self.annotations = annotations
 
     @classmethod
-    def from_folder(cls, folder: str | Path, image_root: str | Path | None = None) -> D3Dataset:
+    def from_folder(
+        cls, folder: str | Path, image_root: str | Path | None = None, proposals: ProposalSource | None = None
+    ) -> D3Dataset:
         folder = Path(folder)
         images, groups, sentences = _read_d3_scenarios(folder)
         annotations = {name: _read_json(folder / file) for name, file in D3_SUBSETS.items()}
         sizes = _ImageSizes(folder, _opt_path(image_root))
-        proposals = load_proposals(folder / "proposals.json")
+        proposals = proposals or _file_proposals(folder)
         samples = []
         for image in images:
             group_ids = image["group_id"] if isinstance(image["group_id"], list) else [image["group_id"]]
@@ -896,18 +938,19 @@ class D3Dataset(RecDataset):
             samples.append(RecSample(
                 uid=image["id"], subset="", image=image["file_name"], image_size=size,
                 expressions=tuple(sentences[s] for s in order), labels=tuple(order),
-                proposals=_proposals_for(proposals, image["file_name"], size, folder / "proposals.json"),
+                proposals=_clamp_proposals(proposals(image["file_name"]), *size),
             ))
         return cls(samples, folder, annotations)
 
     def evaluate(self, predictions: Sequence[RecPrediction], corrected: bool = False) -> dict[str, Any]:
         self._check_predictions(predictions)
         pairs = [(int(s.uid), p) for s, p in zip(self.samples, predictions)]
-        return {"subsets": {name: d3_metrics(ann, pairs, corrected=corrected) for name, ann in self.annotations.items()}}
+        subsets = {name: d3_metrics(ann, pairs, corrected=corrected) for name, ann in self.annotations.items()}
+        return {"subsets": subsets}
 
     def summary(self, results: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
         header = ["subset", *D3_REPORTED]
-        return header, [[name, *(v["reported"][h] for h in D3_REPORTED)] for name, v in results["subsets"].items()]
+        return header, [[name, *(v["unrounded"][h] for h in D3_REPORTED)] for name, v in results["subsets"].items()]
 
 
 def _read_d3_scenarios(folder: Path) -> tuple[list[dict[str, Any]], dict[int, list[int]], dict[int, str]]:
@@ -935,15 +978,20 @@ _DATASETS: dict[str, type[RecDataset]] = {
 }
 
 
-def load_rec_dataset(kind: str, folder: str | Path, image_root: str | Path | None = None) -> RecDataset:
-    """Read a REC benchmark folder in the official layout; ``kind`` is one of :data:`REC_KINDS`."""
+def load_rec_dataset(
+    kind: str, folder: str | Path, image_root: str | Path | None = None, proposals: ProposalSource | None = None
+) -> RecDataset:
+    """Read a REC benchmark folder in the official layout; ``kind`` is one of :data:`REC_KINDS`.
+
+    See :meth:`RecDataset.from_folder` for ``image_root`` and ``proposals``.
+    """
     if kind not in _DATASETS:
         raise RecError(f"unknown REC dataset {kind!r}; expected one of {', '.join(REC_KINDS)}")
     folder = Path(folder)
     if not folder.is_dir():
         raise RecError(f"dataset folder {folder} does not exist")
     try:
-        return _DATASETS[kind].from_folder(folder, image_root)
+        return _DATASETS[kind].from_folder(folder, image_root, proposals)
     except (KeyError, IndexError, TypeError, ValueError) as exc:
         raise RecError(f"{folder} is not a valid {kind} dataset folder: {type(exc).__name__}: {exc}") from None
 

@@ -61,7 +61,9 @@ class RecallResult:
         out = [line, fmt(header), line, *(fmt(r) for r in rows), line]
         out += [f"AR@{n}: {ar}" for n, ar in zip(self.proposal_nums, self.ar)]
         for size, values in self.ar_by_size.items():
-            shown = ", ".join(f"AR@{n}={'n/a' if v is None else f'{v:.4f}'}" for n, v in zip(self.proposal_nums, values))
+            shown = ", ".join(
+                f"AR@{n}={'n/a' if v is None else f'{v:.4f}'}" for n, v in zip(self.proposal_nums, values)
+            )
             out.append(f"  {size}: {shown}")
         return "\n".join(out)
 
@@ -111,9 +113,10 @@ def box_iou_float32(gt: np.ndarray, proposals: np.ndarray) -> np.ndarray:
     proposals = np.asarray(proposals, dtype=np.float32)
     area_g = (gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1])
     area_p = (proposals[:, 2] - proposals[:, 0]) * (proposals[:, 3] - proposals[:, 1])
-    w = np.maximum(np.minimum(gt[:, None, 2], proposals[None, :, 2]) - np.maximum(gt[:, None, 0], proposals[None, :, 0]), np.float32(0))
-    h = np.maximum(np.minimum(gt[:, None, 3], proposals[None, :, 3]) - np.maximum(gt[:, None, 1], proposals[None, :, 1]), np.float32(0))
-    inter = w * h
+    lt = np.maximum(gt[:, None, :2], proposals[None, :, :2])
+    rb = np.minimum(gt[:, None, 2:], proposals[None, :, 2:])
+    wh = np.maximum(rb - lt, np.float32(0))
+    inter = wh[..., 0] * wh[..., 1]
     union = np.maximum((area_g[:, None] + area_p[None, :]) - inter, np.float32(1e-6))
     return (inter / union).astype(np.float32, copy=False)
 
@@ -192,7 +195,9 @@ def eval_recalls(
         for size, (lo, hi) in SIZE_RANGES.items():
             mask = (areas >= lo) & (areas < hi)
             ar_by_size[size] = [
-                float((np.concatenate(best)[mask].astype(np.float64)[:, None] >= thresholds).mean()) if mask.any() else None
+                float((np.concatenate(best)[mask].astype(np.float64)[:, None] >= thresholds).mean())
+                if mask.any()
+                else None
                 for best in best_per_budget
             ]
     return RecallResult(
@@ -221,7 +226,9 @@ def proposal_recall(
     image_ids = dataset.image_ids
     unknown = set(proposals) - set(image_ids)
     if unknown:
-        raise AnnotationError(f"proposals for {len(unknown)} image id(s) not in the dataset, e.g. {sorted(unknown)[:5]}")
+        raise AnnotationError(
+            f"proposals for {len(unknown)} image id(s) not in the dataset, e.g. {sorted(unknown)[:5]}"
+        )
     missing = [i for i in image_ids if i not in proposals]
     if missing:
         raise AnnotationError(
@@ -237,7 +244,9 @@ def proposal_recall(
     )
 
 
-def save_proposals(path: str | Path, proposals: Mapping[int, np.ndarray], scores: Mapping[int, np.ndarray] | None = None) -> None:
+def save_proposals(
+    path: str | Path, proposals: Mapping[int, np.ndarray], scores: Mapping[int, np.ndarray] | None = None
+) -> None:
     """Write ranked proposals as ``image_ids``, ``counts``, ``boxes`` (and ``scores``) arrays (npz)."""
     image_ids = list(proposals)
     arrays = {

@@ -79,7 +79,9 @@ class RetrievalResult:
         }
 
 
-def image_class_scores(images: Sequence[ImageEmbeddings], text: torch.Tensor, scoring: Scoring = "wedetect") -> torch.Tensor:
+def image_class_scores(
+    images: Sequence[ImageEmbeddings], text: torch.Tensor, scoring: Scoring = "wedetect"
+) -> torch.Tensor:
     """(I, K) float32: per image and class, the maximum proposal score."""
     if scoring not in ("wedetect", "raw"):
         raise ValueError(f"scoring must be 'wedetect' or 'raw', not {scoring!r}")
@@ -205,7 +207,9 @@ def save_embeddings(path: str | Path, images: Sequence[ImageEmbeddings], text: t
         parts = [getattr(image, key) for image in images]
         if any(part is None for part in parts):
             return None
-        return np.concatenate([torch.as_tensor(p).float().reshape(-1, *shape).numpy() for p in parts]) if parts else np.zeros((0, *shape), np.float32)
+        if not parts:
+            return np.zeros((0, *shape), np.float32)
+        return np.concatenate([torch.as_tensor(p).float().reshape(-1, *shape).numpy() for p in parts])
 
     dim = images[0].embedding.shape[-1] if images else (0 if text is None else text.shape[-1])
     arrays = {
@@ -240,7 +244,8 @@ def load_embeddings(path: str | Path) -> tuple[list[ImageEmbeddings], torch.Tens
         if int(arrays["counts"].sum()) != len(arrays["embedding"]):
             raise AnnotationError(f"{path}: counts do not add up to the number of embeddings")
         bounds = np.cumsum(arrays["counts"])[:-1]
-        split = {k: np.split(arrays[k], bounds) for k in ("embedding", "scale", "bias", "boxes", "scores") if k in arrays}
+        keys = ("embedding", "scale", "bias", "boxes", "scores")
+        split = {k: np.split(arrays[k], bounds) for k in keys if k in arrays}
         images = [
             ImageEmbeddings(
                 image_id=int(image_id),

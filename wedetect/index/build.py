@@ -379,9 +379,9 @@ def build_index(
     before = writer.store.recover() if writer.store is not None else 0
     known = _known_images(writer.store)
     todo, report = _plan(paths, known, settings.retry_failed)
-    report.merge(_extract(writer, todo, known, proposer, settings, progress))
-    report.recovered_orphans = before
-    report.seconds = max(report.seconds, 0.0)
+    extracted = _extract(writer, todo, known, proposer, settings, progress)
+    report.merge(extracted)
+    report.seconds, report.recovered_orphans = extracted.seconds, before
     return report
 
 

@@ -36,7 +36,10 @@ _DELETE_CHUNK = 1000
 _CACHE_BYTES = 2 << 30
 
 
-def _proposal_schema(vector_dim: int) -> pa.Schema:
+_VECTOR_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
+
+
+def _proposal_schema(vector_dim: int, vector_dtype: str = "float32") -> pa.Schema:
     return pa.schema(
         [
             ("image_id", pa.int64()),
@@ -46,7 +49,7 @@ def _proposal_schema(vector_dim: int) -> pa.Schema:
             ("level", pa.int8()),
             ("logit_scale", pa.float32()),
             ("logit_bias", pa.float32()),
-            ("vector", pa.list_(pa.float32(), vector_dim)),
+            ("vector", pa.list_(_VECTOR_TYPES[vector_dtype], vector_dim)),
         ]
     )
 
@@ -71,7 +74,7 @@ def _fixed_list(a: np.ndarray, size: int, typ: pa.DataType) -> pa.FixedSizeListA
     return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(a, dtype=typ.to_pandas_dtype()).ravel(), typ), size)
 
 
-def batch_to_arrow(batch: ProposalBatch, vector_dim: int) -> pa.Table:
+def batch_to_arrow(batch: ProposalBatch, vector_dim: int, vector_dtype: str = "float32") -> pa.Table:
     return pa.table(
         {
             "image_id": pa.array(batch.image_id.astype(np.int64)),
@@ -81,9 +84,9 @@ def batch_to_arrow(batch: ProposalBatch, vector_dim: int) -> pa.Table:
             "level": pa.array(batch.level.astype(np.int8)),
             "logit_scale": pa.array(batch.logit_scale.astype(np.float32)),
             "logit_bias": pa.array(batch.logit_bias.astype(np.float32)),
-            "vector": _fixed_list(batch.vector, vector_dim, pa.float32()),
+            "vector": _fixed_list(batch.vector, vector_dim, _VECTOR_TYPES[vector_dtype]),
         },
-        schema=_proposal_schema(vector_dim),
+        schema=_proposal_schema(vector_dim, vector_dtype),
     )
 
 
@@ -93,10 +96,11 @@ def arrow_to_batch(t: pa.Table | pa.RecordBatch) -> ProposalBatch:
         if isinstance(col, pa.ChunkedArray):
             col = col.combine_chunks()
         width = col.type.list_size
-        return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+        # Copies: Arrow buffers are read-only and torch wants writable arrays.
+        return np.array(col.flatten().to_numpy(zero_copy_only=False).reshape(-1, width), dtype=np.float32)
 
     def flat(name: str) -> np.ndarray:
-        return np.asarray(t.column(name).to_numpy())
+        return np.array(t.column(name).to_numpy(zero_copy_only=False))
 
     return ProposalBatch(
         image_id=flat("image_id"),
@@ -142,7 +146,10 @@ class LanceDBStore(VectorStore):
             if is_local and any(p for p in Path(location).iterdir() if p.name.removesuffix(".lance") not in {"images", "proposals"}):
                 raise ObjectIndexError(f"{location} is a non-empty directory that is not a wedetect index")
             # Tables first, meta last: a crash here leaves no meta, and the next run recreates.
-            for name, schema in (("proposals", _proposal_schema(meta.vector_dim)), ("images", _IMAGE_SCHEMA)):
+            if meta.vector_dtype not in _VECTOR_TYPES:
+                raise WeDetectError(f"vector dtype {meta.vector_dtype!r} is not one of {sorted(_VECTOR_TYPES)}")
+            schema = _proposal_schema(meta.vector_dim, meta.vector_dtype)
+            for name, schema in (("proposals", schema), ("images", _IMAGE_SCHEMA)):
                 self._db.create_table(name, schema=schema, exist_ok=True)
             self._db.create_table("meta", data=pa.table({"json": [json.dumps(meta.to_dict())]}))
             self.meta = meta
@@ -152,7 +159,7 @@ class LanceDBStore(VectorStore):
 
     # --- writes ---------------------------------------------------------------------------
     def _append_proposals(self, batch: ProposalBatch) -> None:
-        self._proposals.add(batch_to_arrow(batch, self.meta.vector_dim))
+        self._proposals.add(batch_to_arrow(batch, self.meta.vector_dim, self.meta.vector_dtype))
 
     def _append_images(self, records: list[ImageRecord]) -> None:
         cols = {name: [getattr(r, name) for r in records] for name in _IMAGE_SCHEMA.names}
@@ -195,11 +202,16 @@ class LanceDBStore(VectorStore):
         version = self._proposals.version
         if self._cache is not None and self._cache[0] == version:
             return self._cache[1]
-        if self.count_proposals() * self.meta.vector_dim * 4 <= _CACHE_BYTES:
+        if self.count_proposals() * self.meta.vector_dim * 4 <= _CACHE_BYTES:  # held as float32
             batches = list(self.iter_proposals())
             self._cache = (version, batches)
             return batches
         return self.iter_proposals()
+
+    def optimize(self) -> None:
+        """Merge the small fragments of many commits and fold new rows into the ANN index."""
+        for tbl in (self._proposals, self._images):
+            tbl.optimize()
 
     def has_ann_index(self) -> bool:
         return any("vector" in idx.columns for idx in self._proposals.list_indices())
@@ -234,19 +246,17 @@ class LanceDBStore(VectorStore):
             out.append(RawHits(rows.take(order), logits[order].astype(np.float32)))
         return out
 
-    def build_ann_index(self, *, num_partitions: int | None = None, num_sub_vectors: int | None = None, **_) -> dict:
+    def build_ann_index(
+        self, *, index_type: str = "IVF_PQ", num_partitions: int | None = None, num_sub_vectors: int | None = None, **_
+    ) -> dict:
         n = self.count_proposals()
         if n < 256:
             raise WeDetectError(f"the index holds {n} proposals; an ANN index needs at least 256 (exact search is used)")
-        # About sqrt(N) partitions, each holding a few thousand rows; 16-d PQ sub-vectors.
-        parts = num_partitions or max(1, min(int(np.sqrt(n)), n // 256))
-        subs = num_sub_vectors or self.meta.vector_dim // 16
-        self._proposals.create_index(
-            metric="dot",
-            vector_column_name="vector",
-            index_type="IVF_PQ",
-            num_partitions=parts,
-            num_sub_vectors=subs,
-            replace=True,
-        )
-        return {"index_type": "IVF_PQ", "num_partitions": parts, "num_sub_vectors": subs, "rows": n}
+        # About 8k rows per partition: cheap k-means assignment on few cores, and a probe of 32
+        # partitions scans only a few hundred thousand compressed codes.
+        parts = num_partitions or max(1, min(n // 8192, 8192))
+        params = {"num_partitions": parts}
+        if "PQ" in index_type:
+            params["num_sub_vectors"] = num_sub_vectors or self.meta.vector_dim // 16  # 16-d sub-vectors
+        self._proposals.create_index(metric="dot", vector_column_name="vector", index_type=index_type, replace=True, **params)
+        return {"index_type": index_type, "rows": n, **params}

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 from transformers import Qwen3VLConfig
+from transformers import initialization as init
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel, Qwen3VLPreTrainedModel
 from transformers.utils import ModelOutput
 
@@ -173,6 +174,16 @@ class WeDetectRefQwen3VLModel(Qwen3VLModel):
     def hidden_size(self) -> int:
         return self.config.text_config.hidden_size
 
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        # Fresh position projectors start as a no-op (zero last layer), as the official code intends
+        # (its init is lost to HF's re-init there). Loaded weights are never touched.
+        last_layers = [getattr(self, name)[-1] for name in ("image_pos_projector", "object_pos_projector")
+                       if hasattr(self, name)]
+        if any(module is layer for layer in last_layers):
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+
     # ----------------------------------------------------------------------------------- vision
     def vision_features(self, pixel_values: Tensor, image_grid_thw: Tensor) -> list[RefVisionFeatures]:
         """Run the vision tower once and build, per image, everything the scoring pass needs."""
@@ -261,13 +272,6 @@ class WeDetectRefQwen3VLModel(Qwen3VLModel):
         objects = [self.embed_objects(f, r) for f, r in zip(features, rois) if r.shape[0] > 0]
         if objects:
             embeds = embeds.masked_scatter(object_mask.unsqueeze(-1), torch.cat(objects).to(embeds.dtype))
-        if self.training and len(objects) < len(rois):
-            # A sequence without boxes still sends a zero-weighted full-image box through the object
-            # embedder, so every trainable parameter gets a gradient (keeps DDP graphs uniform).
-            feat = features[0]
-            s_h, s_w = feat.resized_hw
-            dummy = torch.tensor([[0.0, 0.0, s_w, s_h]], device=embeds.device)
-            embeds = embeds + 0.0 * self.embed_objects(feat, dummy).sum()
         return embeds, image_mask
 
     def position_ids(self, input_ids: Tensor, attention_mask: Tensor | None, image_grid_thw: Tensor) -> Tensor:
@@ -330,14 +334,9 @@ class WeDetectRefForProposalScoring(Qwen3VLPreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        # The initialisation the official code intends (and loses to HF's re-init): zero last layers
-        # of the position projectors, and a 0.01 prior on the head. Irrelevant for released weights.
+        # A 0.01 prior on a fresh head, as the official code intends (its init is lost to HF's re-init).
         if module is getattr(self, "out_proj", None):
-            nn.init.constant_(module.bias, -math.log(99.0))
-        inner = getattr(self, "model", None)
-        if inner is not None and module in (inner.image_pos_projector[2], inner.object_pos_projector[2]):
-            nn.init.zeros_(module.weight)
-            nn.init.zeros_(module.bias)
+            init.constant_(module.bias, -math.log(99.0))
 
     def encode_images(self, pixel_values: Tensor, image_grid_thw: Tensor) -> list[RefVisionFeatures]:
         """Vision features per image; reuse them for any number of queries on the same image."""
@@ -466,17 +465,27 @@ def load_ref_model(
     device = torch.device(device)
     attn = attn_implementation or default_attn_implementation(device, dtype)
     try:
+        # Size mismatches are collected (not raised by transformers) so the error can name them.
         model, info = WeDetectRefForProposalScoring.from_pretrained(
-            folder, config=config, dtype=dtype, attn_implementation=attn, output_loading_info=True
+            folder,
+            config=config,
+            dtype=dtype,
+            attn_implementation=attn,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
         )
     except (RuntimeError, ValueError, OSError) as e:
         raise RefCheckpointError(f"cannot load {folder}: {e}") from e
-    problems = {k: v for k, v in info.items() if k != "error_msgs" and v} | (
-        {"error_msgs": info["error_msgs"]} if info.get("error_msgs") else {}
-    )
+    problems = [f"{kind.replace('_', ' ')}: {', '.join(sorted(info[kind])[:10])}"
+                for kind in ("missing_keys", "unexpected_keys") if info.get(kind)]
+    if info.get("mismatched_keys"):
+        shapes = [f"{k} {tuple(ckpt)} in the checkpoint, {tuple(model_shape)} in the model"
+                  for k, ckpt, model_shape in sorted(info["mismatched_keys"])[:10]]
+        problems.append(f"shape mismatch: {'; '.join(shapes)}")
+    if info.get("error_msgs"):
+        problems.append(f"errors: {'; '.join(map(str, info['error_msgs']))}")
     if problems:
-        detail = "; ".join(f"{k}: {sorted(map(str, v))[:10]}" for k, v in problems.items())
-        raise RefCheckpointError(f"{folder} does not match the WeDetect-Ref architecture ({detail})")
+        raise RefCheckpointError(f"{folder} does not match the WeDetect-Ref architecture ({' | '.join(problems)})")
     return model.to(device).eval()
 
 

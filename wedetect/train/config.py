@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from wedetect.config import ModelConfig, TextConfig, get_config
 from wedetect.errors import WeDetectError
@@ -94,6 +94,17 @@ class AugmentSpec(_Strict):
     max_num_samples: int = 80
 
 
+class CustomKey(_Strict):
+    """Settings for the parameters whose official name contains a key (mmengine ``custom_keys``)."""
+
+    lr_mult: float = 1.0
+    weight_decay: float | None = None  # None: the base weight decay, NOT batch-scaled (official quirk)
+
+
+def _official_custom_keys() -> dict[str, CustomKey]:
+    return {"backbone.text_model": CustomKey(lr_mult=0.01), "logit_scale": CustomKey(weight_decay=0.0)}
+
+
 class OptimSpec(_Strict):
     """AdamW with the official parameter groups, warm-up and linear decay."""
 
@@ -101,8 +112,8 @@ class OptimSpec(_Strict):
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    text_lr_mult: float = 0.01  # every parameter under the text tower
-    no_decay_keys: tuple[str, ...] = ("logit_scale",)  # official: only logit_scale skips decay
+    # Matched as substrings of official parameter names, longest key first; the first match applies.
+    custom_keys: dict[str, CustomKey] = Field(default_factory=_official_custom_keys)
     base_total_batch: int = 64  # weight decay is scaled by total batch / this (official constructor)
     grad_clip: float | None = 10.0
     warmup_iters: int = 1000
@@ -136,6 +147,7 @@ class TrainConfig(_Strict):
     log_interval: int = 50
     save_best: bool = True
     keep_checkpoints: int = -1  # -1 keeps every epoch's checkpoint
+    save_interval_iters: int | None = None  # also write latest.pth every N iterations (mid-epoch resume)
     max_iters_per_epoch: int | None = None  # cap (smoke tests)
 
     @model_validator(mode="after")

@@ -201,12 +201,12 @@ def _annotation_problem(ann: dict, width: int, height: int, label_of: dict) -> s
     if ann.get("ignore", False):
         return "marked ignore"
     x, y, w, h = bbox
+    if ann.get("area", w * h) <= 0 or w < 1 or h < 1:
+        return "box of zero area or a side under 1 px"
     inter_w = max(0.0, min(x + w, width) - max(x, 0.0))
     inter_h = max(0.0, min(y + h, height) - max(y, 0.0))
     if inter_w * inter_h == 0:
         return "box outside the image"
-    if ann.get("area", w * h) <= 0 or w < 1 or h < 1:
-        return "box of zero area or a side under 1 px"
     return None
 
 

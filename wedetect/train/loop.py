@@ -109,24 +109,27 @@ def build_model(cfg: TrainConfig, class_embeddings: np.ndarray | None = None) ->
 def param_groups(model: nn.Module, cfg: TrainConfig, world_size: int) -> list[dict]:
     """Official ``YOLOWv5OptimizerConstructor`` groups, merged by identical settings.
 
-    Text-tower parameters get ``lr x text_lr_mult`` and the unscaled weight decay; ``logit_scale``
-    gets no decay; everything else (biases and norms included) the batch-scaled weight decay.
+    A parameter whose official name contains a custom key (longest key first) gets that key's
+    lr multiplier and weight decay (default: the base decay, unscaled); every other parameter,
+    biases and norms included, gets the base decay scaled by total batch / ``base_total_batch``.
+    Official keys: text tower lr x 0.01, ``logit_scale`` no decay.
     """
     o = cfg.optim
     total = world_size * cfg.batch_size * cfg.accumulate
     accumulate = max(round(o.base_total_batch / total), 1)
     scaled_wd = o.weight_decay * total * accumulate / o.base_total_batch
+    keys = sorted(o.custom_keys, key=len, reverse=True)
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         official = to_official(name)
-        if "backbone.text_model" in official:
-            key = (o.text_lr_mult, o.weight_decay)
-        elif any(k in official for k in o.no_decay_keys):
-            key = (1.0, 0.0)
-        else:
+        match = next((k for k in keys if k in official), None)
+        if match is None:
             key = (1.0, scaled_wd)
+        else:
+            custom = o.custom_keys[match]
+            key = (custom.lr_mult, o.weight_decay if custom.weight_decay is None else custom.weight_decay)
         groups.setdefault(key, []).append(p)
     return [{"params": ps, "lr": o.lr * mult, "lr_mult": mult, "weight_decay": wd}
             for (mult, wd), ps in groups.items()]
@@ -377,14 +380,15 @@ class Trainer:
 
     # -- training ------------------------------------------------------------------------------
 
-    def fit(self) -> TrainState:
-        """Train the remaining epochs; validate and checkpoint after each."""
+    def fit(self, until_epoch: int | None = None) -> TrainState:
+        """Train the remaining epochs (or up to ``until_epoch``); validate and checkpoint after each."""
+        last_epoch = min(until_epoch or self.cfg.epochs, self.cfg.epochs)
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(self.cfg.dump(), encoding="utf-8")
             log.info("seed %d, %d iterations/epoch, %d optimizer steps in all, device %s, world size %d",
                      self.seed, self.iters_per_epoch, self.total_steps, self.device, self.dist.world_size)
-        while self.state.epoch < self.cfg.epochs:
+        while self.state.epoch < last_epoch:
             epoch = self.state.epoch
             losses = self.train_epoch(epoch)
             self.state.epoch, self.state.iter_in_epoch = epoch + 1, 0
@@ -419,6 +423,10 @@ class Trainer:
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.update(1)
+            every = self.cfg.save_interval_iters
+            if every and accumulated == 0 and not last and self.state.iter_in_epoch % every == 0:
+                if self.dist.is_main:
+                    self._save_latest()
             if self.state.iter_in_epoch % self.cfg.log_interval == 0 and self.dist.is_main:
                 lr = self.optimizer.param_groups[0]["lr"]
                 log.info("epoch %d iter %d/%d lr %.3g %s", epoch + 1, self.state.iter_in_epoch,
@@ -518,8 +526,7 @@ class Trainer:
             "param_schedulers": [self.scheduler.state_dict()],
             "message_hub": {"metrics": metrics or {}, "history": self.history},
             "trainer": self.state.__dict__.copy(),
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "rng": _rng_state(),
         }
         if self.ema is not None:
             state["raw_state_dict"] = raw
@@ -549,6 +556,13 @@ class Trainer:
         log.info("saved %s%s", path, " (best so far)" if improved else "")
         return path
 
+    def _save_latest(self) -> None:
+        """Mid-epoch checkpoint ``latest.pth`` (resume continues at this batch of the epoch)."""
+        path = self.out / "latest.pth"
+        self.out.mkdir(parents=True, exist_ok=True)
+        _atomic_save(self.checkpoint_dict(), path)
+        (self.out / "last_checkpoint").write_text(str(path.resolve()), encoding="utf-8")
+
     def resume(self, resume: str | bool) -> None:
         """Restore model, optimizer, scheduler, EMA, scaler, counters and RNG from a checkpoint."""
         if resume is True:
@@ -560,7 +574,10 @@ class Trainer:
             path = Path(resume)
         if not path.is_file():
             raise TrainingError(f"--resume: checkpoint {path} not found")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unpickling problem means the same to the user
+            raise TrainingError(f"--resume: cannot read {path} ({err})") from err
         if "trainer" not in ckpt or "optimizer" not in ckpt:
             raise TrainingError(f"{path} is not a training checkpoint of this tool (no optimizer/trainer state)")
         load_into(self.model, ckpt.get("raw_state_dict", ckpt["state_dict"]), strict=True)
@@ -576,14 +593,28 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(**ckpt["trainer"])
         self.history = list(ckpt.get("message_hub", {}).get("history", []))
-        rng = ckpt["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        _set_rng_state(ckpt["rng"])
         if self.dist.is_main:
             log.info("resumed from %s at epoch %d, iteration %d", path, self.state.epoch, self.state.iter_in_epoch)
+
+
+def _rng_state() -> dict:
+    """Global RNG states in plain types, so checkpoints load with ``weights_only=True``."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss = random.getstate()
+    return {"python": [version, list(py_state), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(rng: dict) -> None:
+    version, py_state, gauss = rng["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    name, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def _worker_init(_: int) -> None:

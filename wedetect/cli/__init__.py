@@ -1,0 +1,213 @@
+"""The ``wedetect`` command: a thin layer over the package's Python API."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import typer
+from tqdm.auto import tqdm
+
+from ..errors import WeDetectError
+from .common import (BatchSize, Checkpoint, Classes, ClassesFile, Device, Dtype, Images, JsonOut, OutputDir, Size,
+                     Tokenizer, UniCheckpoint, emit_json, info, user_errors)
+
+app = typer.Typer(
+    name="wedetect",
+    help="WeDetect: open-vocabulary object detection as retrieval (detector, Uni proposals, Ref, index, eval, train).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_CHUNK = 64  # images per API call: bounds memory while the progress bar covers the whole run
+
+
+def _chunks(items: Sequence, n: int) -> Iterator[Sequence]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def _run_images(paths: list[Path], call: Callable, desc: str, quiet: bool) -> Iterator:
+    """Run ``call`` over chunks of images with one progress bar; yields (path, result) pairs."""
+    with tqdm(total=len(paths), desc=desc, unit="img", disable=quiet or len(paths) < 2) as bar:
+        for chunk in _chunks(paths, _CHUNK):
+            for path, res in zip(chunk, call(list(chunk))):
+                yield path, res
+            bar.update(len(chunk))
+
+
+def _unique_names(paths: list[Path]) -> dict[Path, str]:
+    """Output file stems, disambiguated when two inputs share a name."""
+    seen: dict[str, int] = {}
+    out = {}
+    for p in paths:
+        n = seen.get(p.stem, 0)
+        seen[p.stem] = n + 1
+        out[p] = p.stem if n == 0 else f"{p.stem}_{n}"
+    return out
+
+
+def _annotate(path: Path, det, out_dir: Path, stem: str, font: Optional[Path]) -> None:
+    from PIL import Image
+
+    from ..data.io import load_bgr
+    from ..visualize import draw_detections
+
+    image = Image.fromarray(load_bgr(path)[:, :, ::-1])
+    draw_detections(image, det, font=font).save(out_dir / f"{stem}.jpg", quality=92)
+
+
+def _report_skipped(skipped: list[dict], json_out: Optional[str]) -> None:
+    for s in skipped:
+        info(f"skipped {s['path']}: {s['reason']}", json_out)
+
+
+@app.command()
+def detect(
+    checkpoint: Checkpoint,
+    images: Images,
+    tokenizer: Tokenizer = None,
+    classes: Classes = None,
+    classes_file: ClassesFile = None,
+    threshold: float = typer.Option(0.3, "--threshold", help="Keep detections scoring above this."),
+    max_detections: int = typer.Option(100, "--max-detections", min=1, help="At most this many per image (official --topk)."),
+    output_dir: OutputDir = None,
+    json_out: JsonOut = None,
+    font: Optional[Path] = typer.Option(None, "--font", help="TrueType/OpenType font for labels (default: a system CJK font)."),
+    size: Size = None,
+    device: Device = "auto",
+    dtype: Dtype = "float32",
+    batch_size: BatchSize = 8,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Detect the given classes in images; writes annotated images and COCO-format results."""
+    from .. import WeDetect
+    from ..data.classnames import class_prompts
+    from ..data.io import collect_images
+
+    with user_errors():
+        names = class_prompts(classes, classes_file)
+        paths = collect_images(images)
+        if output_dir is None and json_out is None:
+            json_out = "-"
+        model = WeDetect.from_pretrained(checkpoint, tokenizer=tokenizer, size=size, device=device, dtype=dtype)
+        model.set_classes(names)
+        if output_dir is not None:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        stems = _unique_names(paths)
+        per_image, coco_rows, skipped = [], [], []
+
+        def call(chunk):
+            return model.predict(chunk, threshold=threshold, max_detections=max_detections,
+                                 batch_size=batch_size, on_error="skip")
+
+        for image_id, (path, det) in enumerate(_run_images(paths, call, "detect", quiet)):
+            if det.error:
+                skipped.append({"path": str(path), "reason": det.error})
+                continue
+            rows = det.to_coco(image_id)
+            for row, name in zip(rows, det.names):
+                row.update(file_name=str(path), category_name=name)
+            coco_rows.extend(rows)
+            per_image.append(det.to_dict())
+            if output_dir is not None:
+                _annotate(path, det, output_dir, stems[path], font)
+        if output_dir is not None:
+            emit_json(coco_rows, str(output_dir / "detections.json"))
+        emit_json({"classes": names, "images": per_image, "skipped": skipped}, json_out)
+        _report_skipped(skipped, json_out)
+        total = sum(len(r["boxes"]) for r in per_image)
+        info(f"{total} detections in {len(per_image)} images ({len(skipped)} skipped)"
+             + (f"; results in {output_dir}" if output_dir else ""), json_out)
+
+
+@app.command()
+def propose(
+    uni_checkpoint: UniCheckpoint,
+    images: Images,
+    threshold: float = typer.Option(0.1, "--threshold", help="Keep proposals scoring above this (official script: 0.1)."),
+    num_proposals: int = typer.Option(300, "--num-proposals", min=1, help="Proposals per image before the threshold."),
+    output_dir: OutputDir = None,
+    json_out: JsonOut = None,
+    save_embeddings: bool = typer.Option(True, "--save-embeddings/--no-save-embeddings",
+                                         help="With --output-dir: write each image's proposals and embeddings to NAME.npz."),
+    font: Optional[Path] = typer.Option(None, "--font", help="Font for labels."),
+    size: Size = None,
+    device: Device = "auto",
+    dtype: Dtype = "float32",
+    batch_size: BatchSize = 8,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Class-agnostic WeDetect-Uni proposals with their embeddings."""
+    import numpy as np
+
+    from .. import WeDetectUni
+    from ..data.io import collect_images
+
+    with user_errors():
+        paths = collect_images(images)
+        if output_dir is None and json_out is None:
+            json_out = "-"
+        uni = WeDetectUni.from_pretrained(uni_checkpoint, size=size, device=device, dtype=dtype)
+        if output_dir is not None:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        stems = _unique_names(paths)
+        per_image, skipped = [], []
+
+        def call(chunk):
+            return uni.propose(chunk, num_proposals=num_proposals, score_threshold=threshold,
+                               batch_size=batch_size, on_error="skip")
+
+        for path, det in _run_images(paths, call, "propose", quiet):
+            if det.error:
+                skipped.append({"path": str(path), "reason": det.error})
+                continue
+            per_image.append({**det.to_dict(), "levels": det.levels.tolist()})
+            if output_dir is not None:
+                _annotate(path, det, output_dir, stems[path], font)
+                if save_embeddings:
+                    np.savez(output_dir / f"{stems[path]}.npz", boxes=det.boxes.numpy(), scores=det.scores.numpy(),
+                             embeddings=det.embeddings.numpy(), levels=det.levels.numpy(),
+                             logit_scale=det.logit_scale.numpy(), logit_bias=det.logit_bias.numpy())
+        emit_json({"images": per_image, "skipped": skipped}, json_out)
+        _report_skipped(skipped, json_out)
+        total = sum(len(r["boxes"]) for r in per_image)
+        info(f"{total} proposals in {len(per_image)} images ({len(skipped)} skipped)"
+             + (f"; results in {output_dir}" if output_dir else ""), json_out)
+
+
+def _mount_subcommands() -> None:
+    """Attach the sub-apps of the other parts (each lives in its own module)."""
+    for module, name in (("index", "index"), ("eval", "eval"), ("train", None), ("ref", None)):
+        try:
+            mod = importlib.import_module(f"{__name__}.{module}")
+        except ImportError as e:
+            if e.name and e.name.startswith(__name__):
+                continue  # that part is not installed in this build
+            raise
+        if name is None:  # modules whose commands sit at the top level
+            for cmd in mod.app.registered_commands:
+                app.registered_commands.append(cmd)
+            for group in mod.app.registered_groups:
+                app.registered_groups.append(group)
+        else:
+            if module == "eval":
+                try:
+                    from .rec_eval import app as rec_app
+
+                    mod.app.registered_commands.extend(rec_app.registered_commands)
+                except ImportError:
+                    pass
+            app.add_typer(mod.app, name=name)
+
+
+_mount_subcommands()
+
+
+def main() -> None:
+    try:
+        app()
+    except WeDetectError as e:  # errors raised outside a command's own handler
+        typer.echo(f"error: {e}", err=True)
+        raise SystemExit(2) from None

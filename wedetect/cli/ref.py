@@ -1,0 +1,102 @@
+"""``wedetect ref``: find what a referring expression describes (WeDetect-Uni proposals + WeDetect-Ref)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from tqdm.auto import tqdm
+
+from ..errors import WeDetectError
+from .common import Device, Dtype, JsonOut, OutputDir, emit_json, info, user_errors
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+def _load_boxes(path: Path) -> dict[str, list]:
+    """``--boxes``: a JSON object mapping an image path (as given, or its file name) to xyxy boxes."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise WeDetectError(f"--boxes {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise WeDetectError(f"--boxes {path}: expected a JSON object {{image path: [[x1, y1, x2, y2], ...]}}")
+    return data
+
+
+@app.command("ref")
+def ref(
+    ref_checkpoint: Path = typer.Option(..., "--ref-checkpoint", help="WeDetect-Ref checkpoint folder (Hugging Face layout)."),
+    query: list[str] = typer.Option(..., "--query", help="The referring expression (Chinese or English); repeat for several."),
+    image: list[str] = typer.Option(..., "--image", "--images", help="An image, folder, glob or .txt list; repeatable."),
+    uni_checkpoint: Optional[str] = typer.Option(None, "--uni-checkpoint", help="WeDetect-Uni checkpoint that proposes the boxes (top 100 per image)."),
+    boxes: Optional[Path] = typer.Option(None, "--boxes", help="JSON object mapping each image (path or file name) to its x1,y1,x2,y2 boxes: score these instead of running WeDetect-Uni."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Keep every box scoring above this (default: only the best box)."),
+    output_dir: OutputDir = None,
+    json_out: JsonOut = None,
+    font: Optional[Path] = typer.Option(None, "--font", help="Font for labels (default: a system CJK font)."),
+    device: Device = "auto",
+    dtype: Dtype = "float32",
+    attn: Optional[str] = typer.Option(None, "--attn", help="sdpa, eager or flash_attention_2 (default: flash-attention when installed on CUDA, else sdpa)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Referring-expression detection: score each image's proposals against each query; writes annotated
+    images (OUTPUT_DIR/NAME.jpg) and OUTPUT_DIR/ref_results.json."""
+    import torch
+
+    from ..data.io import collect_images, load_pil_rgb
+    from ..ref import WeDetectRef
+    from ..structures import Detections
+    from ..visualize import draw_detections
+    from . import _unique_names
+
+    with user_errors():
+        paths = [p for spec in image for p in collect_images(spec)]
+        if (uni_checkpoint is None) == (boxes is None):
+            raise typer.BadParameter("give exactly one of --uni-checkpoint (propose boxes) or --boxes (score given boxes)")
+        given = _load_boxes(boxes) if boxes is not None else None
+        if output_dir is None and json_out is None:
+            json_out = "-"
+        model = WeDetectRef.from_pretrained(ref_checkpoint, uni=uni_checkpoint, device=device, dtype=dtype,
+                                            attn_implementation=attn)
+        if output_dir is not None:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        stems = _unique_names(paths)
+        results, skipped = [], []
+        for path in tqdm(paths, desc="ref", unit="img", disable=quiet or len(paths) < 2):
+            try:
+                proposals = None
+                if given is not None:
+                    proposals = given.get(str(path), given.get(path.name))
+                    if proposals is None:
+                        raise WeDetectError(f"no boxes for this image in {boxes}")
+                dets = model.predict([path], query, threshold=threshold,
+                                     boxes=None if proposals is None else [proposals])[0]
+            except WeDetectError as e:  # one bad image (unreadable, no proposals) does not stop the run
+                skipped.append({"path": str(path), "reason": str(e)})
+                continue
+            results.append({
+                "path": str(path),
+                "image_size": list(dets[0].image_size),
+                "queries": [{"query": q, "boxes": d.boxes.tolist(), "scores": d.scores.tolist()}
+                            for q, d in zip(query, dets)],
+            })
+            if output_dir is not None:
+                everything = Detections(
+                    boxes=torch.cat([d.boxes for d in dets]),
+                    scores=torch.cat([d.scores for d in dets]),
+                    labels=torch.cat([d.labels for d in dets]),
+                    names=[n for d in dets for n in d.names],
+                )
+                annotated = draw_detections(load_pil_rgb(path), everything, font=font)
+                annotated.save(output_dir / f"{stems[path]}.jpg", quality=92)
+        payload = {"queries": list(query), "threshold": threshold, "images": results, "skipped": skipped}
+        if output_dir is not None:
+            emit_json(payload, str(output_dir / "ref_results.json"))
+        emit_json(payload, json_out)
+        for s in skipped:
+            info(f"skipped {s['path']}: {s['reason']}", json_out)
+        total = sum(len(q["boxes"]) for r in results for q in r["queries"])
+        info(f"{total} boxes for {len(query)} queries in {len(results)} images ({len(skipped)} skipped)"
+             + (f"; results in {output_dir}" if output_dir else ""), json_out)

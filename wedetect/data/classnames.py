@@ -1,0 +1,57 @@
+"""Class-name lists: ``--classes 'a,b'`` strings and class files.
+
+A class file is either the official format (a JSON list with one entry per class, each a list of
+names: the name first, then synonyms; a plain string entry is accepted too) or a text file with one
+class per line. Only the first name of an entry is used as the prompt, as in official evaluation.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..errors import WeDetectError
+
+
+def parse_classes(text: str) -> list[str]:
+    """Split ``--classes`` on ASCII or full-width commas; names are stripped, empties rejected."""
+    names = [n.strip() for n in text.replace("，", ",").split(",")]
+    if not text.strip() or any(not n for n in names):
+        raise WeDetectError(f"--classes {text!r}: give comma-separated, non-empty class names")
+    return names
+
+
+def load_class_names(path: str | os.PathLike) -> list[list[str]]:
+    """Entries of a class file, each a non-empty list of names (first = the prompt)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeDetectError(f"class file {path} not found")
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise WeDetectError(f"class file {path}: invalid JSON ({e})") from e
+        if not isinstance(data, list) or not data:
+            raise WeDetectError(f"class file {path}: expected a non-empty JSON list of classes")
+        entries = []
+        for i, entry in enumerate(data):
+            names = [entry] if isinstance(entry, str) else entry
+            if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
+                raise WeDetectError(f"class file {path}: entry {i} must be a name or a non-empty list of names")
+            entries.append([n.strip() for n in names])
+        return entries
+    lines = [ln.strip() for ln in text.splitlines()]
+    entries = [[ln] for ln in lines if ln]
+    if not entries:
+        raise WeDetectError(f"class file {path} is empty")
+    return entries
+
+
+def class_prompts(classes: str | None = None, classes_file: str | os.PathLike | None = None) -> list[str]:
+    """The prompt list from exactly one of ``--classes`` / ``--classes-file``."""
+    if (classes is None) == (classes_file is None):
+        raise WeDetectError("give exactly one of --classes or --classes-file")
+    if classes is not None:
+        return parse_classes(classes)
+    return [entry[0] for entry in load_class_names(classes_file)]
