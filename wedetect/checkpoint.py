@@ -34,13 +34,6 @@ _PREFIXES = (
 _UNUSED = re.compile(r"^backbone\.image_model\.model\.(norm|head)\.")
 _STEM_KEY = "backbone.image_model.model.downsample_layers.0.0.weight"
 
-OFFICIAL_HF_REPO = "fushh7/WeDetect"
-OFFICIAL_FILES = {
-    "detector": {s: f"wedetect_{s}.pth" for s in MODEL_SIZES},
-    "uni": {"base": "wedetect_base_uni.pth", "large": "wedetect_large_uni.pth"},
-}
-
-
 class CheckpointError(WeDetectError):
     """A checkpoint file is missing, unreadable, of the wrong kind, or does not match the model."""
 

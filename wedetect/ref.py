@@ -148,7 +148,9 @@ class WeDetectRef:
         max_visual_tokens: int = MAX_VISUAL_TOKENS,
     ):
         if not 0 < min_visual_tokens <= max_visual_tokens:
-            raise WeDetectError(f"need 0 < min_visual_tokens <= max_visual_tokens, got {min_visual_tokens}, {max_visual_tokens}")
+            raise WeDetectError(
+                f"need 0 < min_visual_tokens <= max_visual_tokens, got {min_visual_tokens}, {max_visual_tokens}"
+            )
         self.model = model
         self.processor = processor
         self.uni = uni
@@ -187,7 +189,7 @@ class WeDetectRef:
             raise WeDetectError(f"cannot load the processor/tokenizer from {ref_dir}: {e}") from e
         device = resolve_device(device)
         model = load_ref_model(ref_dir, processor.tokenizer, device, resolve_dtype(dtype), attn_implementation)
-        if isinstance(uni, (str, Path)):
+        if isinstance(uni, (str, os.PathLike)):
             from wedetect import WeDetectUni
 
             uni = WeDetectUni.from_pretrained(uni, device=device, dtype=dtype)
@@ -365,7 +367,9 @@ class WeDetectRef:
                     im.proposals = as_boxes(b)
             for original, im in zip(given, chunk):
                 scores = self.score_queries(im, query_list)
-                results.append([self._select(im, q, i, s, threshold) for i, (q, s) in enumerate(zip(query_list, scores))])
+                results.append(
+                    [self._select(im, q, i, s, threshold) for i, (q, s) in enumerate(zip(query_list, scores))]
+                )
                 if not isinstance(original, RefImage):
                     im.features = None  # free the vision features once all queries of the image are done
                 bar.update(1)

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from wedetect.cli import eval as eval_cli
 from wedetect.errors import WeDetectError
 from wedetect.eval.runner import DistContext, ResultCache, ResumeMismatchError, run_over_images
+from wedetect.postprocess import PostprocessConfig
 from wedetect.structures import Detections
 
 # Three images; category ids are not contiguous, so label k must map to the k-th category of the file.
@@ -61,12 +62,14 @@ class FakeDetector:
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
         self.classes: tuple[list[str], bool] | None = None
+        self.postprocess_cfg = PostprocessConfig(score_thr=0.5, max_per_img=1)  # the CLI must set its own
 
     def set_classes(self, names, blank=True) -> None:
         self.classes = (list(names), blank)
 
     def predict(self, images, threshold, max_detections, batch_size):
         assert (threshold, max_detections) == (0.001, 300) and batch_size == len(images)
+        assert (self.postprocess_cfg.score_thr, self.postprocess_cfg.max_per_img) == (0.001, 300)
         self.calls.append([Path(p).name for p in images])
         out = []
         for path in images:
@@ -115,7 +118,7 @@ def invoke(*args: str):
 
 def detection_args(ds: dict, out: Path, *extra: str) -> list:
     return ["detection", "--dataset", ds["ann"], "--images", ds["images"], "--classes-file", ds["classes"],
-            "--checkpoint", ds["root"] / "model.pth", "--output-dir", out, "--no-progress", *extra]  # fmt: skip
+            "--checkpoint", ds["root"] / "model.pth", "--output-dir", out, "--quiet", *extra]  # fmt: skip
 
 
 # ---------------------------------------------------------------- wedetect eval detection
@@ -147,7 +150,7 @@ def test_detection_rerun_resumes_from_cache_and_rejects_changed_settings(dataset
     assert fakes["detector"].calls == []  # everything came from the cache
     assert (out / "detections.bbox.json").read_text() == first
     result = invoke(*detection_args(dataset, out, "--blank-prompt"))
-    assert result.exit_code == 1 and "different settings (blank_prompt)" in result.output
+    assert result.exit_code == 2 and "different settings (blank_prompt)" in result.output
 
 
 def test_detection_scores_saved_detections_without_a_model(dataset, tmp_path) -> None:
@@ -172,14 +175,14 @@ def test_detection_scores_saved_detections_without_a_model(dataset, tmp_path) ->
 def test_detection_bad_input_fails_with_one_line(dataset, fakes, change, message: str) -> None:
     change(dataset)
     result = invoke(*detection_args(dataset, dataset["root"] / "out"))
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
     assert fakes["detector"].calls == []
 
 
 def test_detection_requires_a_model_or_saved_detections(dataset) -> None:
     result = invoke("detection", "--dataset", dataset["ann"], "--output-dir", dataset["root"] / "o")
-    assert result.exit_code == 1 and "--checkpoint and --images and --classes-file required" in result.output
+    assert result.exit_code == 2 and "--checkpoint and --images and --classes-file required" in result.output
 
 
 # ---------------------------------------------------------------- wedetect eval recall / retrieval
@@ -188,7 +191,7 @@ def test_detection_requires_a_model_or_saved_detections(dataset) -> None:
 def test_recall_cli_and_saved_proposals(dataset, fakes) -> None:
     out = dataset["root"] / "out"
     result = invoke("recall", "--dataset", dataset["ann"], "--images", dataset["images"], "--uni-checkpoint",
-                    dataset["root"] / "uni.pth", "--output-dir", out, "--no-progress", "--json", "-")  # fmt: skip
+                    dataset["root"] / "uni.pth", "--output-dir", out, "--quiet", "--json", "-")  # fmt: skip
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert payload["ar"] == [1.0, 1.0] and payload["total_gt"] == 3
@@ -202,7 +205,7 @@ def test_retrieval_cli(dataset, fakes) -> None:
     out = dataset["root"] / "out"
     result = invoke("retrieval", "--dataset", dataset["ann"], "--images", dataset["images"], "--uni-checkpoint",
                     dataset["root"] / "uni.pth", "--checkpoint", dataset["root"] / "det.pth", "--classes-file",
-                    dataset["classes"], "--threshold", "0.6", "--output-dir", out, "--no-progress",
+                    dataset["classes"], "--threshold", "0.6", "--output-dir", out, "--quiet",
                     "--json", "-")  # fmt: skip
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
@@ -341,7 +344,7 @@ def test_detection_cli_runs_the_real_detector(
     out = tmp_path / "out"
     result = invoke("detection", "--dataset", tmp_path / "ann.json", "--images", images, "--classes-file",
                     tmp_path / "classes.txt", "--checkpoint", checkpoint, "--tokenizer", tiny_tokenizer,
-                    "--device", "cpu", "--batch-size", "2", "--output-dir", out, "--no-progress")  # fmt: skip
+                    "--device", "cpu", "--batch-size", "2", "--output-dir", out, "--quiet")  # fmt: skip
     assert result.exit_code == 0, result.output
     rows = json.loads((out / "detections.bbox.json").read_text())
     (model,) = loaded  # the CLI's own model, already prompted with the class file (no blank prompt)
@@ -357,3 +360,42 @@ def test_detection_cli_runs_the_real_detector(
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["reported"]) == {"mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l"}
     assert all(-1 <= v <= 1 for v in metrics["stats"].values())
+
+
+@pytest.mark.slow
+def test_retrieval_cli_runs_the_real_models(official_checkpoint, tiny_tokenizer, shapes_image, tmp_path, monkeypatch):
+    """WeDetect-Uni proposals and the detector's text tower feed the metric through the CLI unchanged."""
+    from wedetect.eval.retrieval import load_embeddings
+
+    loaded = []
+    real_uni, real_detector = eval_cli._load_uni, eval_cli._load_detector
+    monkeypatch.setattr(eval_cli, "_load_uni", lambda *args: loaded.append(real_uni(*args)) or loaded[-1])
+    monkeypatch.setattr(eval_cli, "_load_detector", lambda *args: loaded.append(real_detector(*args)) or loaded[-1])
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(shapes_image.read_bytes())
+    ann = {
+        "images": [{"id": 1, "file_name": "a.png", "height": 200, "width": 300}],
+        "categories": [{"id": 1, "name": "square"}, {"id": 2, "name": "circle"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [20, 30, 60, 50], "area": 3000,
+                         "iscrowd": 0}],
+    }  # fmt: skip
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    (tmp_path / "classes.txt").write_text("square\ncircle\n")
+    out = tmp_path / "out"
+    result = invoke("retrieval", "--dataset", tmp_path / "ann.json", "--images", images,
+                    "--uni-checkpoint", official_checkpoint("keys_uni_base.json"),
+                    "--checkpoint", official_checkpoint("keys_detector_tiny.json"), "--tokenizer", tiny_tokenizer,
+                    "--classes-file", tmp_path / "classes.txt", "--device", "cpu", "--output-dir", out,
+                    "--quiet", "--json", "-")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert set(payload["per_class"]) == {"square"}  # the only category with a relevant image
+    uni, detector = loaded
+    (direct,) = uni.propose([images / "a.png"], num_proposals=300, score_threshold=0.0)
+    saved, text = load_embeddings(out / "embeddings.npz")
+    assert 0 < len(direct) <= 300 and len(saved[0].embedding) == len(direct)
+    torch.testing.assert_close(saved[0].embedding, direct.embeddings)
+    torch.testing.assert_close(saved[0].scale, direct.logit_scale)
+    torch.testing.assert_close(saved[0].bias, direct.logit_bias)
+    torch.testing.assert_close(text, detector.encode_text(["square", "circle"]).cpu())

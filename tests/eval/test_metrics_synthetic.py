@@ -156,7 +156,8 @@ def test_bad_detections_are_rejected(bad: dict, message: str) -> None:
 
 
 def _add_annotation(image_id: int, category_id: int):
-    return lambda d: d["annotations"].append({"id": 9, "image_id": image_id, "category_id": category_id, "bbox": [0, 0, 1, 1]})
+    ann = {"id": 9, "image_id": image_id, "category_id": category_id, "bbox": [0, 0, 1, 1]}
+    return lambda d: d["annotations"].append(ann)
 
 
 @pytest.mark.parametrize(

@@ -56,7 +56,7 @@ def _add(env, *extra):
 def test_add_reports_failures_and_resumes(env):
     r = _add(env, "--json", "-")
     assert r.exit_code == 0, r.output
-    report = json.loads(r.output)
+    report = json.loads(r.stdout)
     assert report["added"] == 7 and report["skipped"] == 0 and report["proposals"] > 7
     assert [f["path"].rsplit("/", 1)[-1] for f in report["failed"]] == ["bad.jpg"]
     r2 = _add(env)
@@ -64,8 +64,8 @@ def test_add_reports_failures_and_resumes(env):
     # A different checkpoint file is refused with one line, no traceback.
     (env / "uni.pth").write_bytes(b"other weights")
     r3 = _add(env)
-    assert r3.exit_code == 1 and "built with checkpoint uni.pth" in r3.output and "Traceback" not in r3.output
-    info = json.loads(_run("info", "--index", env / "idx", "--json", "-").output)
+    assert r3.exit_code == 2 and "built with checkpoint uni.pth" in r3.output and "Traceback" not in r3.output
+    info = json.loads(_run("info", "--index", env / "idx", "--json", "-").stdout)
     assert info["images"] == 7 and info["proposals"] == report["proposals"] and len(info["failed"]) == 1
 
 
@@ -75,7 +75,7 @@ def test_search_json_matches_api_and_writes_crops(env):
             "--top-k", "5", "--json", "-", "--device", "cpu"]
     r = _run(*args, "--output-dir", env / "crops")
     assert r.exit_code == 0, r.output
-    res = json.loads(r.output)
+    res = json.loads(r.stdout)
     assert [q["query"] for q in res] == ["狗", "red car"] and all(len(q["hits"]) == 5 for q in res)
     api = ObjectIndex.open(env / "idx").search_embeddings(FakeTextTower().encode_text(["狗", "red car"]), top_k=5)
     for q, hits in zip(res, api):
@@ -93,20 +93,20 @@ def test_search_json_matches_api_and_writes_crops(env):
     # Per-image ranking with a threshold and annotated full images.
     r = _run("search", "--index", env / "idx", "--checkpoint", env / "det.pth", "--text", "狗", "--per-image",
              "--min-score", "0.2", "--json", "-", "--output-dir", env / "ann")
-    hits = json.loads(r.output)[0]["hits"]
+    hits = json.loads(r.stdout)[0]["hits"]
     assert len({h["path"] for h in hits}) == len(hits) and all(h["score"] > 0.2 for h in hits)
     assert all(Image.open(p).size == (60, 40) for p in (env / "ann" / "00_狗").iterdir())
 
 
 def test_search_errors_are_one_line(env):
     r = _run("search", "--index", env / "nothing", "--checkpoint", env / "det.pth", "--text", "dog")
-    assert r.exit_code == 1 and "does not exist" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "does not exist" in r.output and "Traceback" not in r.output
     assert _add(env).exit_code == 0
     r = _run("search", "--index", env / "idx", "--checkpoint", env / "det.pth")
-    assert r.exit_code == 1 and "non-empty --text" in r.output
+    assert r.exit_code == 2 and "non-empty --text" in r.output
     r = _run("search", "--index", env / "idx", "--checkpoint", env / "det.pth", "--text", "   ")
-    assert r.exit_code == 1 and "non-empty --text" in r.output
+    assert r.exit_code == 2 and "non-empty --text" in r.output
     r = _run("search", "--index", env / "idx", "--text", "dog")
-    assert r.exit_code == 1 and "--checkpoint" in r.output
+    assert r.exit_code == 2 and "--checkpoint" in r.output
     r = _run("search", "--index", "", "--checkpoint", env / "det.pth", "--text", "dog")
-    assert r.exit_code == 1 and "--index is empty" in r.output
+    assert r.exit_code == 2 and "--index is empty" in r.output

@@ -226,6 +226,7 @@ def test_queries_reuse_vision_features(ref, image) -> None:
     assert (together[0] - together[1]).abs().max() > 1e-4, "different queries must give different scores"
 
 
+@pytest.mark.slow
 def test_predict_with_proposer(ref, image) -> None:
     uni = FakeUni(BOXES)
     ref.uni = uni
@@ -321,3 +322,15 @@ def test_cli_usage_and_checkpoint_errors(tiny_ref_dir, tmp_path) -> None:
     result = runner.invoke(app, ["ref", "--ref-checkpoint", str(stage2), "--image", image, "--query", "x",
                                  "--boxes", str(tmp_path / "b.json"), "--device", "cpu"])
     assert result.exit_code == 2 and "stage-2" in result.output and "Traceback" not in result.output
+
+
+def test_fresh_model_uses_the_intended_init(tiny_ref_dir) -> None:
+    from transformers import Qwen3VLConfig
+
+    from wedetect.models.ref import WeDetectRefForProposalScoring
+
+    model = WeDetectRefForProposalScoring(Qwen3VLConfig.from_pretrained(tiny_ref_dir))
+    assert model.out_proj.bias.item() == pytest.approx(-math.log(99))  # 0.01 prior
+    for projector in (model.model.image_pos_projector, model.model.object_pos_projector):
+        assert not projector[-1].weight.any() and not projector[-1].bias.any()
+        assert projector[0].weight.std() > 0

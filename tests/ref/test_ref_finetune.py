@@ -68,7 +68,9 @@ def _write_data(tmp_path, n_images: int = 2):
         proposals[name] = [[2, 2, 30, 30], [30, 10, 62, 46], [0, 0, 64, 48], [10, 20, 40, 44]]
         entries.append({"image": name, "class_name": f"thing {i}", "bounding_boxes": [[30, 10, 62, 46]]})
         entries.append({"image": name, "class_name": "nothing here", "bounding_boxes": []})
-    entries.append({"image": "img0.png", "class_name": "box", "caption": "a big box", "bounding_boxes": [[1, 1, 29, 31]]})
+    entries.append(
+        {"image": "img0.png", "class_name": "box", "caption": "a big box", "bounding_boxes": [[1, 1, 29, 31]]}
+    )
     (tmp_path / "ann.json").write_text(json.dumps(entries))
     (tmp_path / "props.json").write_text(json.dumps(proposals))
     return tmp_path / "ann.json", tmp_path / "props.json"
@@ -114,3 +116,26 @@ def test_finetune_rejects_sample_without_boxes(tiny_model_and_processor) -> None
     sample = RefSample("unused.png", "a cat", torch.zeros(0, 4), torch.zeros(0, 4))
     with pytest.raises(RefDataError, match="nothing to train on"):
         finetune_ref(ref, [sample], progress=False)
+
+
+@pytest.mark.slow
+def test_finetune_cli(tiny_ref_dir, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from wedetect.cli import app
+
+    ann, props = _write_data(tmp_path, n_images=1)
+    out = tmp_path / "tuned"
+    args = ["ref-finetune", "--ref-checkpoint", str(tiny_ref_dir), "--annotations", str(ann), "--proposals",
+            str(props), "--output-dir", str(out), "--batch-size", "3", "--device", "cpu", "-q"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "1 steps on 3 samples" in result.output
+    tuned = WeDetectRef.from_pretrained(out)
+    original = WeDetectRef.from_pretrained(tiny_ref_dir)
+    assert not torch.equal(tuned.model.out_proj.weight, original.model.out_proj.weight)
+    torch.testing.assert_close(tuned.model.model.visual.merger.linear_fc2.weight,
+                               original.model.model.visual.merger.linear_fc2.weight, atol=0, rtol=0)
+    bad = CliRunner().invoke(app, ["ref-finetune", "--ref-checkpoint", str(tiny_ref_dir), "--annotations",
+                                   str(tmp_path / "nope.json"), "--proposals", str(props), "--output-dir", str(out)])
+    assert bad.exit_code == 2 and "not found" in bad.output

@@ -9,8 +9,8 @@ import typer
 from tqdm.auto import tqdm
 
 from ..errors import WeDetectError
-from .common import (BatchSize, Checkpoint, Classes, ClassesFile, Device, Dtype, Images, JsonOut, OutputDir, Size,
-                     Tokenizer, UniCheckpoint, emit_json, info, user_errors)
+from .common import (DEMO_IMAGE, BatchSize, Checkpoint, Classes, ClassesFile, Device, Dtype, ImagesOrDemo, JsonOut,
+                     OutputDir, Size, Tokenizer, UniCheckpoint, emit_json, info, user_errors)
 
 app = typer.Typer(
     name="wedetect",
@@ -66,7 +66,7 @@ def _report_skipped(skipped: list[dict], json_out: Optional[str]) -> None:
 @app.command()
 def detect(
     checkpoint: Checkpoint,
-    images: Images,
+    images: ImagesOrDemo = DEMO_IMAGE,
     tokenizer: Tokenizer = None,
     classes: Classes = None,
     classes_file: ClassesFile = None,
@@ -125,7 +125,7 @@ def detect(
 @app.command()
 def propose(
     uni_checkpoint: UniCheckpoint,
-    images: Images,
+    images: ImagesOrDemo = DEMO_IMAGE,
     threshold: float = typer.Option(0.1, "--threshold", help="Keep proposals scoring above this (official script: 0.1)."),
     num_proposals: int = typer.Option(300, "--num-proposals", min=1, help="Proposals per image before the threshold."),
     output_dir: OutputDir = None,

@@ -19,6 +19,8 @@ Tokenizer = Annotated[Optional[str], typer.Option("--tokenizer", help="XLM-R tok
 Classes = Annotated[Optional[str], typer.Option("--classes", help="Comma-separated class names, e.g. '鞋,床'.")]
 ClassesFile = Annotated[Optional[Path], typer.Option("--classes-file", help="Class file: official JSON list of name lists, or one name per line.")]
 Images = Annotated[str, typer.Option("--images", help="An image file, a folder, a glob, or a .txt list of paths.")]
+DEMO_IMAGE = str(Path(__file__).resolve().parent.parent / "assets" / "demo.jpeg")
+ImagesOrDemo = Annotated[str, typer.Option("--images", help="An image file, a folder, a glob, or a .txt list of paths (default: the bundled demo image).")]
 OutputDir = Annotated[Optional[Path], typer.Option("--output-dir", help="Folder for the files written (annotated images, results).")]
 JsonOut = Annotated[Optional[str], typer.Option("--json", help="Write machine-readable results to FILE ('-' for stdout).")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1 or auto (cuda when available).")]

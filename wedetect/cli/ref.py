@@ -27,18 +27,27 @@ def _load_boxes(path: Path) -> dict[str, list]:
 
 @app.command("ref")
 def ref(
-    ref_checkpoint: Path = typer.Option(..., "--ref-checkpoint", help="WeDetect-Ref checkpoint folder (Hugging Face layout)."),
-    query: list[str] = typer.Option(..., "--query", help="The referring expression (Chinese or English); repeat for several."),
-    image: list[str] = typer.Option(..., "--image", "--images", help="An image, folder, glob or .txt list; repeatable."),
-    uni_checkpoint: Optional[str] = typer.Option(None, "--uni-checkpoint", help="WeDetect-Uni checkpoint that proposes the boxes (top 100 per image)."),
-    boxes: Optional[Path] = typer.Option(None, "--boxes", help="JSON object mapping each image (path or file name) to its x1,y1,x2,y2 boxes: score these instead of running WeDetect-Uni."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="Keep every box scoring above this (default: only the best box)."),
+    ref_checkpoint: Path = typer.Option(
+        ..., "--ref-checkpoint", help="WeDetect-Ref checkpoint folder (Hugging Face layout)."),
+    query: list[str] = typer.Option(
+        ..., "--query", help="The referring expression (Chinese or English); repeat for several."),
+    image: list[str] = typer.Option(
+        ..., "--image", "--images", help="An image, folder, glob or .txt list; repeatable."),
+    uni_checkpoint: Optional[str] = typer.Option(
+        None, "--uni-checkpoint", help="WeDetect-Uni checkpoint that proposes the boxes (top 100 per image)."),
+    boxes: Optional[Path] = typer.Option(
+        None, "--boxes", help="JSON object mapping each image (path or file name) to its x1,y1,x2,y2 boxes: "
+                              "score these instead of running WeDetect-Uni."),
+    threshold: Optional[float] = typer.Option(
+        None, "--threshold", help="Keep every box scoring above this (default: only the best box)."),
     output_dir: OutputDir = None,
     json_out: JsonOut = None,
     font: Optional[Path] = typer.Option(None, "--font", help="Font for labels (default: a system CJK font)."),
     device: Device = "auto",
     dtype: Dtype = "float32",
-    attn: Optional[str] = typer.Option(None, "--attn", help="sdpa, eager or flash_attention_2 (default: flash-attention when installed on CUDA, else sdpa)."),
+    attn: Optional[str] = typer.Option(
+        None, "--attn", help="sdpa, eager or flash_attention_2 (default: flash-attention when installed on CUDA, "
+                             "else sdpa)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Referring-expression detection: score each image's proposals against each query; writes annotated
@@ -54,7 +63,8 @@ def ref(
     with user_errors():
         paths = [p for spec in image for p in collect_images(spec)]
         if (uni_checkpoint is None) == (boxes is None):
-            raise typer.BadParameter("give exactly one of --uni-checkpoint (propose boxes) or --boxes (score given boxes)")
+            raise typer.BadParameter(
+                "give exactly one of --uni-checkpoint (propose boxes) or --boxes (score given boxes)")
         given = _load_boxes(boxes) if boxes is not None else None
         if output_dir is None and json_out is None:
             json_out = "-"
@@ -100,3 +110,40 @@ def ref(
         total = sum(len(q["boxes"]) for r in results for q in r["queries"])
         info(f"{total} boxes for {len(query)} queries in {len(results)} images ({len(skipped)} skipped)"
              + (f"; results in {output_dir}" if output_dir else ""), json_out)
+
+
+@app.command("ref-finetune")
+def ref_finetune(
+    ref_checkpoint: Path = typer.Option(
+        ..., "--ref-checkpoint", help="WeDetect-Ref checkpoint folder to start from."),
+    annotations: Path = typer.Option(
+        ..., "--annotations", help="JSON list of {image, class_name, bounding_boxes, caption?} (official stage-3)."),
+    proposals: Path = typer.Option(
+        ..., "--proposals", help="JSON object {image: [[x1, y1, x2, y2], ...]} of WeDetect-Uni proposals."),
+    output_dir: Path = typer.Option(..., "--output-dir", help="Where the fine-tuned checkpoint folder is written."),
+    image_root: Optional[Path] = typer.Option(
+        None, "--image-root", help="Base of relative image paths (default: the annotation file's folder)."),
+    epochs: int = typer.Option(1, "--epochs", min=1),
+    lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate (official stage 3: 1e-5)."),
+    batch_size: int = typer.Option(2, "--batch-size", min=1, help="Samples per forward pass."),
+    grad_accum: int = typer.Option(1, "--grad-accum", min=1, help="Forward passes per optimizer step."),
+    train_llm: bool = typer.Option(
+        False, "--train-llm/--head-only", help="Also train the language model (official stage 3), not only "
+                                               "the head and object embedder."),
+    seed: int = typer.Option(0, "--seed"),
+    device: Device = "auto",
+    dtype: Dtype = "float32",
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Fine-tune the WeDetect-Ref head and object embedder on your referring-expression data
+    (focal loss against soft IoU targets over the proposals, as the official stage 3)."""
+    from ..ref import WeDetectRef
+    from ..train.ref_finetune import RefFinetuneConfig, finetune_ref, load_ref_samples
+
+    with user_errors():
+        samples = load_ref_samples(annotations, proposals, image_root=image_root)
+        model = WeDetectRef.from_pretrained(ref_checkpoint, device=device, dtype=dtype)
+        config = RefFinetuneConfig(lr=lr, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
+                                   train_llm=train_llm, seed=seed)
+        losses = finetune_ref(model, samples, config, output_dir=output_dir, progress=not quiet)
+        info(f"{len(losses)} steps on {len(samples)} samples, final loss {losses[-1]:.4f}; saved to {output_dir}")

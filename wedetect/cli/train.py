@@ -129,7 +129,9 @@ def finetune(
             "epochs": epochs, "batch_size": batch_size, "optim.lr": lr, "accumulate": accumulate, "amp": amp,
             "ema": ema, "data.num_workers": workers, "output": str(output), "device": device, "seed": seed,
         }
-        cfg = load_config(config or _FLAVOUR_CONFIGS[flavour], overrides, **values)
+        # Data the flags leave out is absent, not inherited from the base config's COCO paths.
+        cleared = [f"{k}=null" for k in ("data.val_ann", "data.val_images", "data.classes_file") if values[k] is None]
+        cfg = load_config(config or _FLAVOUR_CONFIGS[flavour], [*(overrides or []), *cleared], **values)
         _run(cfg, resume, resume_from, quiet)
 
 

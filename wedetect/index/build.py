@@ -27,7 +27,7 @@ from typing import Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from wedetect.data.io import ImageReadError, collect_images, load_pil_rgb
@@ -149,6 +149,8 @@ def _load(path: str) -> _Loaded:
         return out
     try:
         out.image = load_pil_rgb(Image.open(io.BytesIO(data)))
+    except UnidentifiedImageError:
+        out.error = "not a decodable image (unknown format or corrupt data)"
     except (ImageReadError, OSError, ValueError, Image.DecompressionBombError) as e:
         out.error = f"not a decodable image ({e})"
     return out

@@ -247,7 +247,7 @@ class LanceDBStore(VectorStore):
         return out
 
     def build_ann_index(
-        self, *, index_type: str = "IVF_PQ", num_partitions: int | None = None, num_sub_vectors: int | None = None, **_
+        self, *, index_type: str = "IVF_RQ", num_partitions: int | None = None, num_sub_vectors: int | None = None, **_
     ) -> dict:
         n = self.count_proposals()
         if n < 256:

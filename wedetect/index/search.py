@@ -65,14 +65,12 @@ class CachedTextEncoder:
     ) -> None:
         ident = []
         for p in (checkpoint, tokenizer):
-            if p is None:
-                ident.append("-")
-                continue
-            path = Path(p).resolve()
-            if not path.exists():
-                raise WeDetectError(f"{p}: no such file or folder")
-            st = path.stat()
-            ident.append(f"{path}|{st.st_size}|{st.st_mtime_ns}")
+            path = Path(p).expanduser().resolve() if p is not None else None
+            if path is not None and path.exists():
+                st = path.stat()
+                ident.append(f"{path}|{st.st_size}|{st.st_mtime_ns}")
+            else:  # not a local file (default tokenizer, hub name): identified by name
+                ident.append(str(p))
         key = hashlib.sha256("\n".join(ident).encode()).hexdigest()[:32]
         self.cache_file = Path(cache_dir or default_cache_dir()) / f"{key}.npz"
         self._loader = loader

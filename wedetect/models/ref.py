@@ -460,7 +460,9 @@ def load_ref_model(
     token_id = object_token_id_from_tokenizer(tokenizer, config.text_config.vocab_size, folder)
     stored = getattr(config, "object_token_id", None)
     if stored is not None and int(stored) != token_id:
-        raise RefCheckpointError(f"{folder}: config object_token_id {stored} != tokenizer's {OBJECT_TOKEN} id {token_id}")
+        raise RefCheckpointError(
+            f"{folder}: config object_token_id {stored} != the tokenizer's {OBJECT_TOKEN} id {token_id}"
+        )
     config.object_token_id = token_id
     device = torch.device(device)
     attn = attn_implementation or default_attn_implementation(device, dtype)

@@ -179,7 +179,8 @@ def batch_loss(ref: WeDetectRef, batch: Sequence[RefSample], config: RefFinetune
 
 @torch.no_grad()
 def evaluate_loss(ref: WeDetectRef, samples: Sequence[RefSample], config: RefFinetuneConfig | None = None) -> float:
-    """Mean focal loss over ``samples`` (proposal shuffling seeded by ``config.seed``, so repeatable)."""
+    """Focal loss over ``samples``: per-batch losses averaged with batch-size weights. Proposal
+    shuffling is seeded by ``config.seed``, so the value is repeatable (e.g. before/after training)."""
     config = config or RefFinetuneConfig()
     generator = torch.Generator().manual_seed(config.seed)
     batches = [samples[i : i + config.batch_size] for i in range(0, len(samples), config.batch_size)]
@@ -193,7 +194,11 @@ def finetune_ref(
     output_dir: str | Path | None = None,
     progress: bool = True,
 ) -> list[float]:
-    """Train in place and return the loss of every optimizer step; save to ``output_dir`` at the end."""
+    """Train in place and return the loss of every optimizer step; save to ``output_dir`` at the end.
+
+    Parameters are updated in the model's dtype: load the model in float32 for training (bf16
+    weights lose small AdamW updates).
+    """
     config = config or RefFinetuneConfig()
     if not samples:
         raise RefDataError("no training samples")

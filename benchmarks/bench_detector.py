@@ -1,0 +1,131 @@
+"""Detector / Uni speed: images/s and latency per size, batch and precision.
+
+Times three stages for each configuration, on random weights of the official architecture (speed does
+not depend on the values; no checkpoint needed):
+- ``net``: backbone + neck + head (+ DFL decode) on a prepared batch;
+- ``e2e``: decoded uint8 images -> letterbox -> network -> official post-processing -> detections.
+Post-processing runs every (prior, class) pair through the official order (score > 0.001, best
+30000, class-aware NMS, best 300), with K = 80 classes + the blank prompt, as in COCO evaluation.
+
+Examples:
+    python benchmarks/bench_detector.py                          # CPU: tiny+base, batch 1, fp32
+    python benchmarks/bench_detector.py --sizes base large --batches 1 16 --dtypes float32 float16 --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from wedetect import WeDetect, WeDetectUni
+from wedetect.checkpoint import _no_init
+from wedetect.config import get_config
+from wedetect.data.letterbox import letterbox_detector, to_tensor
+from wedetect.models.detector import WeDetectModel, WeDetectUniModel
+
+# Backbone + neck GFLOP per image measured for the official code (research/official_bench_h100.json).
+GFLOP = {"base": 284.2, "large": 2546.0}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, device, warmup: int, iters: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _model(size: str, kind: str, device, dtype: str):
+    cfg = get_config(size)
+    torch.manual_seed(0)
+    with _no_init():
+        net = WeDetectUniModel(cfg) if kind == "uni" else WeDetectModel(cfg)
+    # Deterministic, sane values (not the skipped init's garbage): small weights, unit BN statistics.
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.02 if p.ndim > 1 else torch.ones_like(p) * (0.0 if "bias" in name else 1.0))
+        for name, b in net.named_buffers():
+            if "running_var" in name:
+                b.fill_(1.0)
+            elif "running_mean" in name:
+                b.zero_()
+    if kind == "uni":
+        return WeDetectUni(net, device=device, dtype=dtype)
+    model = WeDetect(net, device=device, dtype=dtype)
+    emb = torch.nn.functional.normalize(torch.randn(81, cfg.embed_dim), dim=-1)
+    model.set_class_embeddings(emb[:80], [f"c{i}" for i in range(80)], blank_embedding=emb[80])
+    return model
+
+
+def run(args) -> list[dict]:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    rng = np.random.default_rng(0)
+    rows = []
+    for kind in args.kinds:
+        for size in args.sizes:
+            if kind == "uni" and size == "tiny":
+                continue
+            for dtype in args.dtypes:
+                model = _model(size, kind, device, dtype)
+                s = model.config.input_size
+                for bs in args.batches:
+                    images = [rng.integers(0, 255, (720, 1280, 3), dtype=np.uint8) for _ in range(bs)]
+                    batch = to_tensor([letterbox_detector(im[:, :, ::-1], s)[0] for im in images]).to(device)
+                    if kind == "uni":
+                        net = lambda: model.forward_raw(batch)  # noqa: E731
+                        e2e = lambda: model.propose(images, batch_size=bs)  # noqa: E731
+                    else:
+                        net = lambda: model.forward_raw(batch)  # noqa: E731
+                        e2e = lambda: model.predict(images, threshold=0.0, max_detections=300, batch_size=bs)  # noqa: E731
+                    for stage, fn in (("net", net), ("e2e", e2e)):
+                        times = _time(fn, device, args.warmup, args.iters)
+                        med = statistics.median(times)
+                        row = dict(kind=kind, size=size, dtype=dtype, batch=bs, stage=stage,
+                                   latency_ms=round(med * 1e3, 2), img_per_s=round(bs / med, 2))
+                        if size in GFLOP:
+                            row["tflops"] = round(GFLOP[size] * bs / med / 1e3, 2)
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
+                del model
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kinds", nargs="+", default=["detector"], choices=["detector", "uni"])
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "base"], choices=["tiny", "base", "large"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1])
+    parser.add_argument("--dtypes", nargs="+", default=["float32"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+    device_name = torch.cuda.get_device_name() if args.device != "cpu" and torch.cuda.is_available() else platform.processor() or "cpu"
+    print(f"# device: {device_name}; torch {torch.__version__}; threads {torch.get_num_threads()}")
+    rows = run(args)
+    print(f"\n| kind | size | dtype | batch | stage | img/s | latency ms |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['kind']} | {r['size']} | {r['dtype']} | {r['batch']} | {r['stage']} | {r['img_per_s']} | {r['latency_ms']} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device_name, "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

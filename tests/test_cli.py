@@ -1,0 +1,74 @@
+"""`wedetect detect` / `wedetect propose` end to end, and their handling of user mistakes."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from wedetect.cli import app
+
+runner = CliRunner()
+
+
+def _run(*args: str):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_usage_errors_are_one_line(tmp_path, demo_image):
+    res = _run("detect", "--checkpoint", tmp_path / "none.pth", "--images", demo_image, "--classes", "鞋")
+    assert res.exit_code == 2
+    assert res.output.strip().count("\n") == 0 and "none.pth not found" in res.output
+    res = _run("detect", "--checkpoint", tmp_path / "none.pth", "--images", tmp_path / "nope", "--classes", "鞋")
+    assert res.exit_code == 2 and "no such file or folder" in res.output
+    res = _run("detect", "--checkpoint", "x.pth", "--images", demo_image)
+    assert res.exit_code == 2 and "exactly one of --classes or --classes-file" in res.output
+    assert "Traceback" not in res.output
+
+
+@pytest.mark.slow
+def test_detect_writes_annotated_images_and_coco_json(official_checkpoint, tiny_tokenizer, tmp_path, demo_image, shapes_image):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    shutil.copy(demo_image, images / "demo.jpeg")
+    shutil.copy(shapes_image, images / "shapes.png")
+    (images / "broken.png").write_bytes(b"\x89PNG not really")
+    out = tmp_path / "out"
+    res = _run("detect", "--checkpoint", official_checkpoint("keys_detector_tiny.json"), "--tokenizer", tiny_tokenizer,
+               "--classes", "鞋,床", "--images", images, "--threshold", "0.0", "--output-dir", out,
+               "--json", tmp_path / "res.json", "--device", "cpu", "-q")
+    assert res.exit_code == 0, res.output
+    assert "skipped" in res.output and "broken.png" in res.output
+    report = json.loads((tmp_path / "res.json").read_text(encoding="utf-8"))
+    assert report["classes"] == ["鞋", "床"]
+    assert [s["path"] for s in report["skipped"]] == [str(images / "broken.png")]
+    assert len(report["images"]) == 2 and all(len(r["boxes"]) > 0 for r in report["images"])
+    rows = json.loads((out / "detections.json").read_text(encoding="utf-8"))
+    assert rows and {r["category_name"] for r in rows} <= {"鞋", "床"}
+    first = report["images"][0]
+    x1, y1, x2, y2 = first["boxes"][0]
+    match = [r for r in rows if r["file_name"] == first["path"]][0]
+    assert match["bbox"] == pytest.approx([x1, y1, x2 - x1, y2 - y1])
+    for name in ("demo.jpg", "shapes.jpg"):
+        img = Image.open(out / name)
+        assert img.size == Image.open(images / ("demo.jpeg" if name == "demo.jpg" else "shapes.png")).size
+    # The annotated image differs from the input where boxes are drawn.
+    drawn = np.asarray(Image.open(out / "shapes.jpg").convert("RGB")).astype(int)
+    orig = np.asarray(Image.open(images / "shapes.png").convert("RGB")).astype(int)
+    assert np.abs(drawn - orig).max() > 100
+
+
+@pytest.mark.slow
+def test_propose_json_to_stdout_and_npz(official_checkpoint, tmp_path, demo_image):
+    out = tmp_path / "props"
+    res = _run("propose", "--uni-checkpoint", official_checkpoint("keys_uni_base.json"), "--images", demo_image,
+               "--threshold", "0.0", "--num-proposals", "50", "--output-dir", out, "--json", "-", "--device", "cpu")
+    assert res.exit_code == 0
+    report = json.loads(res.stdout)
+    assert len(report["images"]) == 1 and len(report["images"][0]["boxes"]) == 50
+    saved = np.load(out / "demo.npz")
+    assert saved["embeddings"].shape == (50, 768) and saved["levels"].max() <= 2
+    np.testing.assert_allclose(saved["boxes"], np.array(report["images"][0]["boxes"], dtype=np.float32), rtol=1e-6)
