@@ -107,8 +107,10 @@ def test_half_precision_close_to_float32(official_checkpoint, tiny_tokenizer, de
     half.set_classes(["鞋", "床"])
     out = half.predict(demo_image, threshold=0.0, max_detections=20)[0]
     assert out.boxes.dtype == torch.float32
-    iou = box_iou(ref.boxes[:10], out.boxes)
+    # Clamped zero-area boxes have no IoU (0/0): match those by coordinates.
+    iou = box_iou(ref.boxes[:10], out.boxes).nan_to_num(0.0)
+    near = (ref.boxes[:10, None] - out.boxes[None]).abs().amax(-1) < 2.0
     same_label = ref.labels[:10, None] == out.labels[None, :]
-    best = (iou * same_label).max(dim=1)
-    assert (best.values > 0.9).all()
+    best = ((iou > 0.9) | near).logical_and(same_label).float().max(dim=1)
+    assert (best.values == 1).all()
     assert (ref.scores[:10] - out.scores[best.indices]).abs().max() < score_tol

@@ -262,7 +262,7 @@ class WeDetectRef:
             if text.count(self.image_token) != 1:
                 raise RefInputError(f"the prompt must hold exactly one {self.image_token}: {text!r}")
             expanded = text.replace(self.image_token, self.image_token * num_image_tokens)
-            ids = self.processor.tokenizer(expanded, add_special_tokens=False)["input_ids"]
+            ids = self.processor.tokenizer(expanded)["input_ids"]  # as the processor tokenizes
             if ids.count(object_id) != num_boxes or ids.count(image_id) != num_image_tokens:
                 raise RefInputError(
                     f"the query may not contain special tokens such as {OBJECT_TOKEN}: the prompt holds "

@@ -29,7 +29,7 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-# Collections with at least this many proposals get an IVF-PQ index after `add` (below it,
+# Collections with at least this many proposals get an IVF index after `add` (below it,
 # exact search is fast enough and exactly reproduces the official ranking).
 ANN_MIN_PROPOSALS = 1_000_000
 
@@ -40,7 +40,10 @@ Backend = typer.Option("auto", "--backend", help="lancedb, milvus or auto (by th
 def _device(device: str) -> str:
     from ..inference import resolve_device
 
-    return str(resolve_device(device))
+    dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
+        return f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per torchrun rank
+    return str(dev)
 
 
 def _load_uni(checkpoint: str, size: Optional[str], device: str, dtype: str):
@@ -71,7 +74,7 @@ def add(
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Retry images recorded as unreadable earlier."),
     staging_dir: Optional[Path] = typer.Option(None, "--staging-dir", help="Per-rank parts under torchrun (default <index>.parts)."),
     ann: Optional[bool] = typer.Option(
-        None, "--ann/--no-ann", help=f"Build an IVF-PQ index (default: when >= {ANN_MIN_PROPOSALS:,} proposals)."
+        None, "--ann/--no-ann", help=f"Build an ANN (IVF) index (default: when >= {ANN_MIN_PROPOSALS:,} proposals)."
     ),
     device: Device = "auto",
     dtype: Dtype = "float32",

@@ -6,7 +6,7 @@ JSON row with :class:`IndexMeta`, written last at creation, so its presence mean
 index"). Every LanceDB append is an atomic versioned commit.
 
 Search is exact (a streamed float32 matmul, optionally on GPU) until :meth:`build_ann_index`
-creates an IVF-PQ index on the vector column; ANN results are re-ranked on the stored float32
+creates an IVF index (RaBitQ codes by default) on the vector column; ANN results are re-ranked on the stored
 vectors (``refine_factor``) and their logits recomputed exactly.
 """
 from __future__ import annotations
