@@ -120,10 +120,12 @@ def test_detector_parity(case: Path, official_checkpoint):
     # Final detections, through the public predict path, before the blank prompt is dropped.
     names = info["prompts"]
     model.set_class_embeddings(text[:-1], names[:-1], blank_embedding=text[-1])
-    det = model.predict(image, threshold=0.0, max_detections=10_000, keep_blank=True)[0]
-    assert len(det) == info["num_dets"]
-    match_detections(det.boxes.numpy(), det.scores.numpy(), det.labels.numpy(),
-                     ref["det_bboxes"], ref["det_scores"], ref["det_labels"])
+    for mode in ("reference", "fast"):  # the literal official order, and the exact shortcuts
+        model.mode = mode
+        det = model.predict(image, threshold=0.0, max_detections=10_000, keep_blank=True)[0]
+        assert len(det) == info["num_dets"], mode
+        match_detections(det.boxes.numpy(), det.scores.numpy(), det.labels.numpy(),
+                         ref["det_bboxes"], ref["det_scores"], ref["det_labels"])
     # Users never see the blank prompt.
     shown = model.predict(image, threshold=0.0, max_detections=10_000)[0]
     assert (shown.labels < len(names) - 1).all()

@@ -16,7 +16,7 @@ from .data.letterbox import letterbox_detector, letterbox_uni, to_tensor
 from .errors import WeDetectError
 from .models.detector import WeDetectModel, WeDetectUniModel
 from .models.head import flatten_levels
-from .postprocess import PostprocessConfig, detector_postprocess, uni_postprocess
+from .postprocess import PostprocessConfig, detector_postprocess, detector_postprocess_fast, uni_postprocess
 from .structures import Detections, LetterboxMeta
 
 BLANK_PROMPT = " "  # the official demo appends this prompt after the user's classes
@@ -115,7 +115,11 @@ class WeDetect(_Runner):
         device: str | torch.device | None = "cpu",
         dtype: str | torch.dtype = "float32",
         postprocess: PostprocessConfig = PostprocessConfig(),
+        mode: str = "fast",
     ) -> None:
+        if mode not in ("fast", "reference"):
+            raise WeDetectError(f"mode must be 'fast' or 'reference', not {mode!r}")
+        self.mode = mode
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         self.model = model.eval().to(self.device)
@@ -138,13 +142,18 @@ class WeDetect(_Runner):
         device: str | torch.device | None = "cpu",
         dtype: str | torch.dtype = "float32",
         strict: bool = True,
+        mode: str = "fast",
     ) -> "WeDetect":
-        """Load an official (or our) detector checkpoint; ``tokenizer`` is a path, hub name or tokenizer."""
+        """Load an official (or our) detector checkpoint; ``tokenizer`` is a path, hub name or tokenizer.
+
+        ``mode="reference"`` runs post-processing literally in the official order; ``"fast"`` (default)
+        uses exact shortcuts (see ``postprocess.detector_postprocess_fast``).
+        """
         from .models.text import load_tokenizer
 
         model = build_from_checkpoint(load_official(checkpoint, "detector"), size=size, strict=strict)
         tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
-        return cls(model, tok, device=device, dtype=dtype)
+        return cls(model, tok, device=device, dtype=dtype, mode=mode)
 
     @property
     def config(self) -> ModelConfig:
@@ -253,7 +262,10 @@ class WeDetect(_Runner):
             logits, boxes = self.forward_raw(batch)
             out = []
             for lg, bx, meta in zip(logits, boxes, metas):
-                b, s, lab = detector_postprocess(lg, bx, meta, self.postprocess_cfg)
+                if self.mode == "fast":
+                    b, s, lab = detector_postprocess_fast(lg, bx, meta, self.postprocess_cfg, threshold)
+                else:
+                    b, s, lab = detector_postprocess(lg, bx, meta, self.postprocess_cfg)
                 keep = s > threshold
                 if not keep_blank:
                     keep &= lab < self._num_classes

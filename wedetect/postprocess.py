@@ -62,10 +62,15 @@ def offset_batched_nms(
     shifted = boxes + offsets[:, None]
     if shifted.shape[0] < _SPLIT_THR:
         return nms(shifted, scores, iou_threshold)
+    return _per_label_nms(shifted, scores, labels, iou_threshold)
+
+
+def _per_label_nms(shifted: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou: float) -> torch.Tensor:
+    """Greedy NMS within each label (ascending labels); survivors sorted by score."""
     keep_mask = torch.zeros_like(scores, dtype=torch.bool)
     for label in torch.unique(labels):
         idx = (labels == label).nonzero().view(-1)
-        keep_mask[idx[nms(shifted[idx], scores[idx], iou_threshold)]] = True
+        keep_mask[idx[nms(shifted[idx], scores[idx], iou)]] = True
     keep = keep_mask.nonzero().view(-1)
     _, order = scores[keep].sort(descending=True)
     return keep[order]
@@ -97,6 +102,49 @@ def detector_postprocess(
     cand = to_original(boxes[prior_idx], meta)
     keep = offset_batched_nms(cand, scores, labels, cfg.iou_threshold)[: cfg.max_per_img]
     return clamp_to_image(cand[keep], meta), scores[keep], labels[keep]
+
+
+def detector_postprocess_fast(
+    logits: torch.Tensor,
+    boxes: torch.Tensor,
+    meta: LetterboxMeta,
+    cfg: PostprocessConfig = PostprocessConfig(),
+    threshold: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``detector_postprocess`` followed by ``score > threshold``, computed with exact shortcuts.
+
+    - ``topk`` instead of a full sort for the ``nms_pre`` cut;
+    - pairs at or below ``threshold`` are dropped before NMS: greedy NMS only lets a box be suppressed
+      by a higher-scoring one, so the survivors above the threshold do not depend on them. The label
+      offset (from the max coordinate over ALL candidates) and the one-NMS/per-label choice (from the
+      candidate count) are kept, so every IoU is computed from the same float32 coordinates;
+    - above 10000 candidates the per-label loop becomes one NMS over the offset boxes whenever no
+      coordinate is below -1: then boxes of different labels cannot overlap, so nothing changes.
+    Only the order among exactly tied scores may differ from the reference path.
+    """
+    scores = logits.sigmoid().flatten()
+    num_classes = logits.shape[1]
+    passed = scores > cfg.score_thr
+    if int(passed.sum()) > cfg.nms_pre:
+        cand_scores, idx = scores.topk(cfg.nms_pre)
+    else:
+        idx = passed.nonzero().view(-1)
+        cand_scores = scores[idx]
+    if idx.numel() == 0:
+        return boxes.new_zeros((0, 4)), cand_scores, idx
+    prior, labels = idx // num_classes, idx % num_classes
+    cand = to_original(boxes[prior], meta)
+    offset_unit = cand.max() + 1
+    sel = (cand_scores > threshold).nonzero().view(-1)
+    split = idx.numel() >= _SPLIT_THR
+    cand, cand_scores, labels = cand[sel], cand_scores[sel], labels[sel]
+    shifted = cand + (labels.to(cand) * offset_unit)[:, None]
+    if not split or cand.numel() == 0 or cand.min() >= -1:
+        keep = nms(shifted, cand_scores, cfg.iou_threshold)
+    else:
+        keep = _per_label_nms(shifted, cand_scores, labels, cfg.iou_threshold)
+    keep = keep[: cfg.max_per_img]
+    return clamp_to_image(cand[keep], meta), cand_scores[keep], labels[keep]
 
 
 def uni_postprocess(

@@ -353,6 +353,10 @@ def test_retrieval_bad_input() -> None:
     assert predicted["class0"] == {10, 20}
     with pytest.raises(AnnotationError, match="appears twice"):
         retrieve([ok[0], ok[0]], TEXT, ["a", "b"])
+    no_scale = ImageEmbeddings(10, torch.ones((1, 2)), torch.zeros(0), torch.zeros(0))
+    with pytest.raises(AnnotationError, match="no per-proposal scale/bias"):
+        retrieve([no_scale], TEXT, ["a", "b"])
+    assert retrieve([no_scale], TEXT, ["a", "b"], scoring="raw", threshold=0.5) == {"a": {10}, "b": {10}}
 
 
 def test_results_are_json_serialisable() -> None:

@@ -56,3 +56,20 @@ def test_ann_rescored_exactly_and_high_recall(tmp_path):
     assert all(h.image_id >= 400 for h in ann[0][:10]), "rows added after the index build were missed"
     per_image = index.search_embeddings(texts, top_k=10, per_image=True, nprobes=4)
     assert all(len({h.image_id for h in hits}) == len(hits) == 10 for hits in per_image)
+
+
+def test_milvus_ivf_index_probing_every_list_equals_exact(tmp_path):
+    pytest.importorskip("milvus_lite")
+    loc = tmp_path / "idx.db"
+    store = open_store(loc, meta=IndexMeta(768, vector_dim_for(768), MODEL))
+    _add(store, 0, 30, seed=4, clusters=slice(0, 16))
+    texts = torch.nn.functional.normalize(CENTRES[[1, 2]] + 0.05 * unit_texts(2, seed=5), dim=1)
+    index = ObjectIndex.open(loc)
+    exact = index.search_embeddings(texts, top_k=15)
+    assert store.build_ann_index(num_partitions=2)["index_type"] == "IVF_FLAT" and store.has_ann_index()
+    index = ObjectIndex.open(loc)
+    ann = index.search_embeddings(texts, top_k=15, nprobes=2)  # all lists probed: exact
+    forced = index.search_embeddings(texts, top_k=15, exact=True)  # streamed scan past the ANN index
+    for ex, ap, fo in zip(exact, ann, forced):
+        assert [h.image_id for h in ap] == [h.image_id for h in ex] == [h.image_id for h in fo]
+        np.testing.assert_allclose([h.score for h in ap], [h.score for h in ex], atol=1e-6)

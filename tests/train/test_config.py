@@ -29,7 +29,8 @@ def test_shipped_coco_configs_hold_the_official_recipe(name: str, flavour: str) 
 
 
 def test_overrides_are_typed_and_validated(tmp_path: Path) -> None:
-    assert parse_override("optim.lr=1e-4") == (["optim", "lr"], 1e-4)
+    assert parse_override("optim.lr=0.5") == (["optim", "lr"], 0.5)
+    assert load_config("synth_nano", ["optim.lr=1e-4"]).optim.lr == 1e-4  # YAML 1.1 string, coerced by type
     assert parse_override("augment.scaling_ratio_range=[0.8, 1.2]")[1] == [0.8, 1.2]
     cfg = load_config("synth_nano", ["optim.lr=3e-3", "augment.mosaic=false", "epochs=3"], batch_size=2)
     assert (cfg.optim.lr, cfg.augment.mosaic, cfg.epochs, cfg.batch_size) == (3e-3, False, 3, 2)

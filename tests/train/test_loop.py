@@ -1,6 +1,7 @@
 """The training loop: schedule, parameter groups, sampler, checkpoints, exact resume, NaN guard, flavours."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -82,6 +83,8 @@ def test_checkpoints_use_the_official_layout_and_keep_the_best(synth_data: dict,
     assert "backbone.text_model.head.weight" in keys and "bbox_head.head_module.cls_contrasts.0.logit_scale" in keys
     assert Path((tmp_path / "run" / "last_checkpoint").read_text()).name == "epoch_2.pth"
     assert (tmp_path / "run" / "best.pth").is_file()
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert report["train"]["images_kept"] == 48 and report["val"]["images_kept"] == 16
     best = _state(tmp_path / "run" / "best.pth")["meta"]["epoch"]
     assert best == state.best_epoch
     assert "mAP_50" in ckpt["message_hub"]["metrics"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable
 from urllib.parse import urlparse
 
 from wedetect.errors import WeDetectError
@@ -20,7 +20,8 @@ class AnnotationError(WeDetectError):
     """An annotation, detections or class file is malformed or inconsistent with the dataset."""
 
 
-def _first_duplicate(values: Sequence[Any]) -> Any | None:
+def first_duplicate(values: Iterable[Any]) -> Any | None:
+    """The first value seen twice, or None."""
     seen: set = set()
     for value in values:
         if value in seen:
@@ -81,7 +82,7 @@ class CocoDataset:
                 if missing:
                     raise AnnotationError(f"{where}: {kind} #{index} lacks {', '.join(missing)}")
         for kind, items in (("image", self.images), ("category", self.categories)):
-            dup = _first_duplicate([item["id"] for item in items])
+            dup = first_duplicate([item["id"] for item in items])
             if dup is not None:
                 raise AnnotationError(f"{where}: duplicate {kind} id {dup!r}")
         image_ids, cat_ids = set(self.image_ids), set(self.category_ids)

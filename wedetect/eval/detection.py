@@ -42,6 +42,7 @@ LVIS_STAT_NAMES = (
 COCO_REPORTED = COCO_STAT_NAMES[:6]
 LVIS_REPORTED = LVIS_STAT_NAMES[:9]
 LVIS_FREQUENCIES = ("r", "c", "f")
+SIZES = ("small", "medium", "large")
 
 Backend = Literal["faster-coco-eval", "pycocotools"]
 
@@ -132,11 +133,17 @@ def limit_per_image(detections: Sequence[dict], max_dets: int) -> list[dict]:
     return kept
 
 
-def _check_areas(dataset: CocoDataset) -> None:
+def _checked_inputs(
+    dataset: CocoDataset | str | Path, detections: Sequence[dict] | str | Path
+) -> tuple[CocoDataset, list[dict]]:
+    dataset = dataset if isinstance(dataset, CocoDataset) else CocoDataset.load(dataset)
+    detections = load_detections(detections) if isinstance(detections, (str, Path)) else list(detections)
+    validate_detections(dataset, detections)
     # Area ranges (s/m/l) read the annotation's 'area' field, not the box: it must be present.
     for ann in dataset.annotations:
         if not isinstance(ann.get("area"), (int, float)):
             raise AnnotationError(f"annotation {ann.get('id', '?')} lacks a numeric 'area' (needed for APs/m/l)")
+    return dataset, detections
 
 
 def _build_coco_api(api_cls, dataset_dict: dict):
@@ -214,26 +221,16 @@ def evaluate_coco(
     backend: Backend = "faster-coco-eval",
 ) -> DetectionMetrics:
     """COCO bbox AP as mmdet's ``CocoMetric`` computes it (maxDets 100/300/1000)."""
-    dataset = dataset if isinstance(dataset, CocoDataset) else CocoDataset.load(dataset)
-    detections = load_detections(detections) if isinstance(detections, (str, Path)) else list(detections)
-    validate_detections(dataset, detections)
-    _check_areas(dataset)
+    dataset, detections = _checked_inputs(dataset, detections)
     evaluator = _run_eval(copy.deepcopy(dataset.to_dict()), copy.deepcopy(detections), backend, COCO_MAX_DETS, False)
-    result, params = evaluator.eval, evaluator.params
-    small, medium, large = (dict(area=a) for a in ("small", "medium", "large"))
+    ap = functools.partial(_summary_value, evaluator.eval, evaluator.params, precision=True)
+    ar = functools.partial(_summary_value, evaluator.eval, evaluator.params, precision=False)
     top = COCO_MAX_DETS[-1]
     values = [
-        _summary_value(result, params, precision=True, max_dets=100),
-        _summary_value(result, params, precision=True, max_dets=top, iou=0.5),
-        _summary_value(result, params, precision=True, max_dets=top, iou=0.75),
-        _summary_value(result, params, precision=True, max_dets=top, **small),
-        _summary_value(result, params, precision=True, max_dets=top, **medium),
-        _summary_value(result, params, precision=True, max_dets=top, **large),
-        *(_summary_value(result, params, precision=False, max_dets=m) for m in COCO_MAX_DETS),
-        _summary_value(result, params, precision=False, max_dets=top, **small),
-        _summary_value(result, params, precision=False, max_dets=top, **medium),
-        _summary_value(result, params, precision=False, max_dets=top, **large),
-    ]
+        ap(max_dets=100),  # pycocotools' headline AP reads the literal 100, whatever maxDets holds
+        ap(max_dets=top, iou=0.5), ap(max_dets=top, iou=0.75), *(ap(max_dets=top, area=a) for a in SIZES),
+        *(ar(max_dets=m) for m in COCO_MAX_DETS), *(ar(max_dets=top, area=a) for a in SIZES),
+    ]  # fmt: skip
     return DetectionMetrics("coco", dict(zip(COCO_STAT_NAMES, values)), len(dataset.images), len(detections))
 
 
@@ -244,10 +241,7 @@ def evaluate_lvis(
     max_dets: int = LVIS_MAX_DETS,
 ) -> DetectionMetrics:
     """LVIS bbox AP as mmdet's ``LVISMetric`` computes it (top ``max_dets`` per image, federated)."""
-    dataset = dataset if isinstance(dataset, CocoDataset) else CocoDataset.load(dataset)
-    detections = load_detections(detections) if isinstance(detections, (str, Path)) else list(detections)
-    validate_detections(dataset, detections)
-    _check_areas(dataset)
+    dataset, detections = _checked_inputs(dataset, detections)
     for image in dataset.images:
         for key in ("neg_category_ids", "not_exhaustive_category_ids"):
             if not isinstance(image.get(key), list):
@@ -267,13 +261,12 @@ def evaluate_lvis(
     # Accumulated arrays index categories in ascending-id order.
     frequency = {cat["id"]: cat["frequency"] for cat in dataset.categories}
     groups = {f: [k for k, cid in enumerate(params.catIds) if frequency[cid] == f] for f in LVIS_FREQUENCIES}
-    sizes = ("small", "medium", "large")
     ap = functools.partial(_summary_value, result, params, precision=True, max_dets=max_dets)
     ar = functools.partial(_summary_value, result, params, precision=False, max_dets=max_dets)
     values = [
-        ap(), ap(iou=0.5), ap(iou=0.75), *(ap(area=a) for a in sizes),
+        ap(), ap(iou=0.5), ap(iou=0.75), *(ap(area=a) for a in SIZES),
         *(ap(cat_index=groups[f]) for f in LVIS_FREQUENCIES),
-        ar(), *(ar(area=a) for a in sizes),
+        ar(), *(ar(area=a) for a in SIZES),
     ]  # fmt: skip
     names = [*LVIS_STAT_NAMES[:9], f"AR@{max_dets}", f"ARs@{max_dets}", f"ARm@{max_dets}", f"ARl@{max_dets}"]
     return DetectionMetrics("lvis", dict(zip(names, values)), len(dataset.images), len(kept))

@@ -168,7 +168,7 @@ def eval_recalls(
         raise ValueError(f"{len(gt_boxes)} GT entries but {len(proposals)} proposal entries")
     proposal_nums = tuple(int(n) for n in proposal_nums)
     thresholds = _thresholds(iou_thrs, compare)
-    budget_cap = max(proposal_nums)
+    budget_cap = proposal_nums[-1]  # official: only the first proposal_nums[-1] proposals are ever matched
     best_per_budget: list[list[np.ndarray]] = [[] for _ in proposal_nums]
     per_image: list[np.ndarray | None] = []
     for gt, props in zip(gt_boxes, proposals):

@@ -20,7 +20,7 @@ from typing import Iterable, Literal, Mapping, Sequence
 import numpy as np
 import torch
 
-from wedetect.eval.dataset import AnnotationError, CocoDataset
+from wedetect.eval.dataset import AnnotationError, CocoDataset, first_duplicate
 
 Scoring = Literal["wedetect", "raw"]
 RetrievalMode = Literal["coco", "lvis"]
@@ -99,6 +99,10 @@ def image_class_scores(
         if scoring == "wedetect":
             scale = torch.as_tensor(image.scale, dtype=torch.float32)
             bias = torch.as_tensor(image.bias, dtype=torch.float32)
+            if scale.shape != (len(emb),) or bias.shape != (len(emb),):
+                raise AnnotationError(
+                    f"image {image.image_id}: no per-proposal scale/bias for 'wedetect' scoring (use 'raw')"
+                )
             logits = logits * scale.exp()[:, None] + bias[:, None]
         rows.append(logits.sigmoid().amax(dim=0))
     return torch.stack(rows) if rows else torch.zeros((0, len(text)), dtype=torch.float32)
@@ -120,7 +124,7 @@ def retrieve(
     """
     if len(text) != len(class_names):
         raise AnnotationError(f"{len(text)} text embeddings but {len(class_names)} class names; they must match")
-    dup = _duplicate([image.image_id for image in images])
+    dup = first_duplicate(image.image_id for image in images)
     if dup is not None:
         raise AnnotationError(f"image {dup} appears twice in the embeddings")
     if skip_empty:
@@ -132,15 +136,6 @@ def retrieve(
     for k, name in enumerate(class_names):
         predicted.setdefault(name, set()).update(ids[i] for i in hits[:, k].nonzero().flatten().tolist())
     return predicted
-
-
-def _duplicate(values: Iterable) -> object | None:
-    seen: set = set()
-    for value in values:
-        if value in seen:
-            return value
-        seen.add(value)
-    return None
 
 
 def retrieval_ground_truth(dataset: CocoDataset, mode: RetrievalMode = "coco") -> dict[str, set[int]]:
@@ -156,7 +151,9 @@ def retrieval_ground_truth(dataset: CocoDataset, mode: RetrievalMode = "coco") -
     return relevant
 
 
-def evaluate_retrieval(predicted: Mapping[str, Iterable[int]], ground_truth: Mapping[str, set[int]]) -> RetrievalResult:
+def evaluate_retrieval(
+    predicted: Mapping[str, Iterable[int]], ground_truth: Mapping[str, set[int]]
+) -> RetrievalResult:
     """Per-class and macro P/R/F1 over the classes that have relevant images."""
     per_class: dict[str, ClassRetrieval] = {}
     unrounded = []
@@ -201,7 +198,9 @@ def evaluate_object_retrieval(
     return evaluate_retrieval(predicted, retrieval_ground_truth(dataset, mode)), predicted
 
 
-def save_embeddings(path: str | Path, images: Sequence[ImageEmbeddings], text: torch.Tensor | None = None) -> None:
+def save_embeddings(
+    path: str | Path, images: Sequence[ImageEmbeddings], text: torch.Tensor | None = None
+) -> None:
     """Write embeddings as concatenated arrays with per-image ``counts`` (npz)."""
     def cat(key: str, shape: tuple[int, ...]) -> np.ndarray | None:
         parts = [getattr(image, key) for image in images]

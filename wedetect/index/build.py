@@ -35,6 +35,7 @@ from wedetect.errors import WeDetectError
 from wedetect.index.store import (
     ImageRecord,
     IndexMeta,
+    IndexNotFoundError,
     ObjectIndexError,
     ProposalBatch,
     VectorStore,
@@ -190,7 +191,9 @@ class _Writer:
 
     def __init__(self, location: str, backend: str, model: dict) -> None:
         self.location, self.backend, self.model = location, backend, model
-        self.store: VectorStore | None = _open_existing(location, backend, model)
+        self.store = _open_existing(location, backend, model)
+        # Orphan proposals of a commit that a crash interrupted, deleted on opening.
+        self.recovered = self.store.recover() if self.store is not None else 0
         self._held: list[ImageRecord] = []  # failed images seen before the index could be created
 
     def vector_dim(self, embed_dim: int) -> int:
@@ -219,6 +222,7 @@ class _Writer:
     def finish(self, embed_dim_hint: int | None) -> None:
         """Flush held failures (creating the index if no image could be read at all)."""
         if self._held:
+            # Nothing was readable, so the model's embedding size is unknown: assume the real one.
             self.vector_dim(embed_dim_hint or 768)
             self.write([], [])
         if self.store is not None:
@@ -235,16 +239,13 @@ def _guarded(fn) -> None:
 
 
 def _open_existing(location: str, backend: str, model: dict) -> VectorStore | None:
-    """The index at ``location`` (recovered and checked against ``model``), or None if there is none."""
+    """The index at ``location`` checked against ``model``, or None if there is none yet."""
     try:
         store = open_store(location, backend=backend)
-    except ObjectIndexError as e:
-        if "does not exist" in str(e) or "no index metadata" in str(e):
-            return None
-        raise
+    except IndexNotFoundError:
+        return None
     probe = IndexMeta(embed_dim=store.meta.embed_dim, vector_dim=store.meta.vector_dim, model=model)
     store.meta.check_compatible(probe)
-    store.recover()
     return store
 
 
@@ -378,12 +379,11 @@ def build_index(
     if world > 1:
         return _build_distributed(location, paths, proposer, model, settings, backend, progress, staging_dir)
     writer = _Writer(location, backend, model)
-    before = writer.store.recover() if writer.store is not None else 0
     known = _known_images(writer.store)
     todo, report = _plan(paths, known, settings.retry_failed)
     extracted = _extract(writer, todo, known, proposer, settings, progress)
     report.merge(extracted)
-    report.seconds, report.recovered_orphans = extracted.seconds, before
+    report.seconds, report.recovered_orphans = extracted.seconds, writer.recovered
     return report
 
 
@@ -399,11 +399,12 @@ def _merge_parts(parts_root: Path, location: str, backend: str, model: dict) -> 
     for part_dir in parts:
         try:
             part = open_store(str(part_dir), backend="lancedb")
-        except ObjectIndexError:
+        except IndexNotFoundError:
             shutil.rmtree(part_dir)  # a part that never committed anything
             continue
         part.recover()
         main = _open_existing(location, backend, model) or open_store(location, backend=backend, meta=part.meta)
+        main.recover()
         main.meta.check_compatible(part.meta)
         in_main = {r.image_id: r for r in main.images()}
         by_path = {r.path: r for r in in_main.values()}
@@ -448,9 +449,11 @@ def _build_distributed(
     try:
         if rank == 0:
             _merge_parts(parts_root, location, backend, model)  # leftovers of a killed run
+            main = _open_existing(location, backend, model)
+            if main is not None:
+                main.recover()  # one writer only: the other ranks wait at the barrier
         dist.barrier(group=group)
-        main = _open_existing(location, backend, model)
-        known = _known_images(main)
+        known = _known_images(_open_existing(location, backend, model))
         todo, report = _plan(paths, known, settings.retry_failed)
         shard = todo[rank::world]
         report = AddReport() if rank else report

@@ -24,6 +24,7 @@ from wedetect.index.store import (
     EXACT_CHUNK_ROWS,
     ImageRecord,
     IndexMeta,
+    IndexNotFoundError,
     ObjectIndexError,
     ProposalBatch,
     RawHits,
@@ -130,7 +131,7 @@ class LanceDBStore(VectorStore):
         if is_local:
             path = Path(location)
             if meta is None and not path.exists():
-                raise ObjectIndexError(f"index {location} does not exist; build it with `wedetect index add`")
+                raise IndexNotFoundError(f"index {location} does not exist; build it with `wedetect index add`")
             if path.exists() and not path.is_dir():
                 raise ObjectIndexError(f"index path {location} is a file, expected a directory")
         self._db = lancedb.connect(location)
@@ -141,7 +142,7 @@ class LanceDBStore(VectorStore):
                 stored.check_compatible(meta)
             self.meta = stored
         elif meta is None:
-            raise ObjectIndexError(f"{location} is not a wedetect index (no index metadata found)")
+            raise IndexNotFoundError(f"{location} is not a wedetect index (no index metadata found)")
         else:
             if is_local and any(p for p in Path(location).iterdir() if p.name.removesuffix(".lance") not in {"images", "proposals"}):
                 raise ObjectIndexError(f"{location} is a non-empty directory that is not a wedetect index")
@@ -249,14 +250,19 @@ class LanceDBStore(VectorStore):
     def build_ann_index(
         self, *, index_type: str = "IVF_RQ", num_partitions: int | None = None, num_sub_vectors: int | None = None, **_
     ) -> dict:
+        from lancedb import index as lance_index
+
+        configs = {"IVF_RQ": "IvfRq", "IVF_PQ": "IvfPq", "IVF_SQ": "IvfSq", "IVF_FLAT": "IvfFlat", "IVF_HNSW_SQ": "IvfHnswSq"}
+        if index_type not in configs:
+            raise WeDetectError(f"unknown ANN index type {index_type!r} (one of {', '.join(configs)})")
         n = self.count_proposals()
         if n < 256:
             raise WeDetectError(f"the index holds {n} proposals; an ANN index needs at least 256 (exact search is used)")
         # About 8k rows per partition: cheap k-means assignment on few cores, and a probe of 32
         # partitions scans only a few hundred thousand compressed codes.
-        parts = num_partitions or max(1, min(n // 8192, 8192))
-        params = {"num_partitions": parts}
-        if "PQ" in index_type:
+        params: dict = {"num_partitions": num_partitions or max(1, min(n // 8192, 8192))}
+        if index_type == "IVF_PQ":
             params["num_sub_vectors"] = num_sub_vectors or self.meta.vector_dim // 16  # 16-d sub-vectors
-        self._proposals.create_index(metric="dot", vector_column_name="vector", index_type=index_type, replace=True, **params)
+        config = getattr(lance_index, configs[index_type])(distance_type="dot", max_iterations=20, **params)
+        self._proposals.create_index("vector", config=config, replace=True)
         return {"index_type": index_type, "rows": n, **params}

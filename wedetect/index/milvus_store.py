@@ -26,6 +26,7 @@ from wedetect.index.store import (
     EXACT_CHUNK_ROWS,
     ImageRecord,
     IndexMeta,
+    IndexNotFoundError,
     ObjectIndexError,
     ProposalBatch,
     RawHits,
@@ -60,7 +61,7 @@ class MilvusStore(VectorStore):
         if is_lite:
             path = Path(location)
             if meta is None and not path.exists():
-                raise ObjectIndexError(f"index {location} does not exist; build it with `wedetect index add`")
+                raise IndexNotFoundError(f"index {location} does not exist; build it with `wedetect index add`")
             path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._client = MilvusClient(location, token=os.environ.get("MILVUS_TOKEN", ""))
@@ -75,7 +76,7 @@ class MilvusStore(VectorStore):
                 stored.check_compatible(meta)
             self.meta = stored
         elif meta is None:
-            raise ObjectIndexError(f"{location} is not a wedetect index (no index metadata found)")
+            raise IndexNotFoundError(f"{location} is not a wedetect index (no index metadata found)")
         else:
             self._create(meta)
             self.meta = meta

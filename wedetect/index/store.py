@@ -38,6 +38,10 @@ class ObjectIndexError(WeDetectError):
     """The index is missing, corrupt, or was built for another model."""
 
 
+class IndexNotFoundError(ObjectIndexError):
+    """No index at the location (``wedetect index add`` creates one)."""
+
+
 def vector_dim_for(embed_dim: int) -> int:
     """Stored vector size: ``embed_dim`` + 1 (bias) rounded up to a multiple of 16."""
     return int(math.ceil((embed_dim + 1) / VECTOR_ALIGN) * VECTOR_ALIGN)

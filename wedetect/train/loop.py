@@ -386,6 +386,9 @@ class Trainer:
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(self.cfg.dump(), encoding="utf-8")
+            reports = {name: d.report.to_dict() for name, d in (("train", self.train_data), ("val", self.val_data))
+                       if d is not None}
+            (self.out / "data_report.json").write_text(json.dumps(reports, indent=1), encoding="utf-8")
             log.info("seed %d, %d iterations/epoch, %d optimizer steps in all, device %s, world size %d",
                      self.seed, self.iters_per_epoch, self.total_steps, self.device, self.dist.world_size)
         while self.state.epoch < last_epoch:

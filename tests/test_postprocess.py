@@ -1,0 +1,52 @@
+"""The fast post-processing equals the literal official order (as sets: exact ties may reorder)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wedetect.postprocess import PostprocessConfig, detector_postprocess, detector_postprocess_fast, offset_batched_nms
+from wedetect.structures import LetterboxMeta
+
+
+def _inputs(n_priors: int, k: int, seed: int, spread: float):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n_priors, k, generator=g) * 2 - 1
+    # Quantised logits: many exactly tied scores, as with real checkpoints.
+    logits = (logits * 64).round() / 64
+    centers = torch.rand(n_priors, 2, generator=g) * 640
+    wh = torch.rand(n_priors, 2, generator=g) * spread + 1
+    return logits, torch.cat([centers - wh / 2, centers + wh / 2], dim=1)
+
+
+def _as_set(b, s, lab):
+    return {(int(l_), round(float(s_), 6), tuple(round(float(v), 3) for v in bb)) for bb, s_, l_ in zip(b, s, lab)}
+
+
+@pytest.mark.parametrize("n_priors, k, spread", [(400, 3, 60.0), (2100, 5, 400.0), (8400, 4, 150.0), (8400, 8, 900.0)])
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.6])
+def test_fast_equals_reference(n_priors, k, spread, threshold):
+    logits, boxes = _inputs(n_priors, k, seed=n_priors + k, spread=spread)
+    meta = LetterboxMeta((720, 1280), 640, (0.5, 0.5), (140.0, 140.0, 0.0, 0.0))
+    cfg = PostprocessConfig()
+    b, s, lab = detector_postprocess(logits, boxes, meta, cfg)
+    keep = s > threshold
+    fb, fs, flab = detector_postprocess_fast(logits, boxes, meta, cfg, threshold)
+    assert len(fs) == int(keep.sum())
+    # The max_per_img cut may pick different members of an exactly tied group at the boundary.
+    cut = float(s[-1]) if len(s) == cfg.max_per_img else -1.0
+    above, fast_above = keep & (s > cut), fs > cut
+    assert _as_set(fb[fast_above], fs[fast_above], flab[fast_above]) == _as_set(b[above], s[above], lab[above])
+    torch.testing.assert_close(fs, s[keep])
+    assert torch.all(fs[:-1] >= fs[1:]), "sorted by score"
+
+
+def test_offset_trick_keeps_labels_apart_and_splits_at_10000():
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0], [0.5, 0.0, 10.0, 10.0]])
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    labels = torch.tensor([0, 1, 0])
+    assert offset_batched_nms(boxes, scores, labels, 0.7).tolist() == [0, 1]
+    # A box far left of the image (x < -1) can meet another label's box after the offset in the
+    # one-NMS path (< 10000 candidates) — the official behaviour, reproduced.
+    wide = torch.tensor([[0.0, 0.0, 20.0, 20.0], [-21.0, -21.0, -1.0, -1.0]])
+    out = offset_batched_nms(wide, torch.tensor([0.9, 0.8]), torch.tensor([0, 1]), 0.7)
+    assert out.tolist() == [0]
