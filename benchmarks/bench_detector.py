@@ -3,7 +3,9 @@
 Times three stages for each configuration, on random weights of the official architecture (speed does
 not depend on the values; no checkpoint needed):
 - ``net``: backbone + neck + head (+ DFL decode) on a prepared batch;
-- ``e2e``: decoded uint8 images -> letterbox -> network -> official post-processing -> detections.
+- ``e2e``: decoded uint8 images -> letterbox -> network -> post-processing -> detections, in the
+  ``reference`` mode (the official order of operations) and the ``fast`` mode (exact shortcuts), with
+  the ratio between them measured in the same run.
 Post-processing runs every (prior, class) pair through the official order (score > 0.001, best
 30000, class-aware NMS, best 300), with K = 80 classes + the blank prompt, as in COCO evaluation.
 
@@ -50,7 +52,7 @@ def _time(fn, device, warmup: int, iters: int) -> list[float]:
     return out
 
 
-def _model(size: str, kind: str, device, dtype: str):
+def _model(size: str, kind: str, device, dtype: str, mode: str = "fast"):
     cfg = get_config(size)
     torch.manual_seed(0)
     with _no_init():
@@ -66,7 +68,7 @@ def _model(size: str, kind: str, device, dtype: str):
                 b.zero_()
     if kind == "uni":
         return WeDetectUni(net, device=device, dtype=dtype)
-    model = WeDetect(net, device=device, dtype=dtype)
+    model = WeDetect(net, device=device, dtype=dtype, mode=mode)
     emb = torch.nn.functional.normalize(torch.randn(81, cfg.embed_dim), dim=-1)
     model.set_class_embeddings(emb[:80], [f"c{i}" for i in range(80)], blank_embedding=emb[80])
     return model
@@ -86,17 +88,24 @@ def run(args) -> list[dict]:
                 for bs in args.batches:
                     images = [rng.integers(0, 255, (720, 1280, 3), dtype=np.uint8) for _ in range(bs)]
                     batch = to_tensor([letterbox_detector(im[:, :, ::-1], s)[0] for im in images]).to(device)
+                    stages = [("net", "-", lambda: model.forward_raw(batch))]
                     if kind == "uni":
-                        net = lambda: model.forward_raw(batch)  # noqa: E731
-                        e2e = lambda: model.propose(images, batch_size=bs)  # noqa: E731
+                        stages.append(("e2e", "-", lambda: model.propose(images, batch_size=bs)))
                     else:
-                        net = lambda: model.forward_raw(batch)  # noqa: E731
-                        e2e = lambda: model.predict(images, threshold=0.0, max_detections=300, batch_size=bs)  # noqa: E731
-                    for stage, fn in (("net", net), ("e2e", e2e)):
-                        times = _time(fn, device, args.warmup, args.iters)
-                        med = statistics.median(times)
-                        row = dict(kind=kind, size=size, dtype=dtype, batch=bs, stage=stage,
+                        for mode in args.modes:  # reference = the official order; fast = exact shortcuts
+                            def e2e(mode=mode):
+                                model.mode = mode
+                                model.predict(images, threshold=args.threshold, max_detections=300, batch_size=bs)
+                            stages.append(("e2e", mode, e2e))
+                    base = None
+                    for stage, mode, fn in stages:
+                        med = statistics.median(_time(fn, device, args.warmup, args.iters))
+                        row = dict(kind=kind, size=size, dtype=dtype, batch=bs, stage=stage, mode=mode,
                                    latency_ms=round(med * 1e3, 2), img_per_s=round(bs / med, 2))
+                        if mode == "reference":
+                            base = med
+                        elif mode == "fast" and base is not None:
+                            row["speedup_vs_reference"] = round(base / med, 2)
                         if size in GFLOP:
                             row["tflops"] = round(GFLOP[size] * bs / med / 1e3, 2)
                         rows.append(row)
@@ -111,6 +120,9 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["tiny", "base"], choices=["tiny", "base", "large"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1])
     parser.add_argument("--dtypes", nargs="+", default=["float32"])
+    parser.add_argument("--modes", nargs="+", default=["reference", "fast"], choices=["reference", "fast"])
+    parser.add_argument("--threshold", type=float, default=0.3,
+                        help="predict() threshold for e2e (0.3: the demo; 0.001: evaluation)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3)
@@ -119,9 +131,11 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if args.device != "cpu" and torch.cuda.is_available() else platform.processor() or "cpu"
     print(f"# device: {device_name}; torch {torch.__version__}; threads {torch.get_num_threads()}")
     rows = run(args)
-    print(f"\n| kind | size | dtype | batch | stage | img/s | latency ms |\n|---|---|---|---|---|---|---|")
+    print("\n| kind | size | dtype | batch | stage | mode | img/s | latency ms | fast/reference |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['kind']} | {r['size']} | {r['dtype']} | {r['batch']} | {r['stage']} | {r['img_per_s']} | {r['latency_ms']} |")
+        print(f"| {r['kind']} | {r['size']} | {r['dtype']} | {r['batch']} | {r['stage']} | {r['mode']} | "
+              f"{r['img_per_s']} | {r['latency_ms']} | {r.get('speedup_vs_reference', '')} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device_name, "torch": torch.__version__, "rows": rows}, f, indent=1)

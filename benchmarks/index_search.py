@@ -14,6 +14,7 @@ Prints one JSON object: write and index-build throughput, exact (brute-force) se
 query, ANN latency p50/p95, recall@k against exact, the exact/ANN latency ratio, and the
 indexing throughput of ``build_index`` on real image files with a model-free proposer.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,7 +67,10 @@ class Synthetic:
 
     def queries(self, q: int) -> np.ndarray:
         g = np.random.default_rng(10_000 + self.seed)
-        t = self.centres[g.integers(0, len(self.centres), q)] + g.standard_normal((q, EMBED_DIM), dtype=np.float32) * 0.03
+        t = (
+            self.centres[g.integers(0, len(self.centres), q)]
+            + g.standard_normal((q, EMBED_DIM), dtype=np.float32) * 0.03
+        )
         return t / np.linalg.norm(t, axis=1, keepdims=True)
 
 
@@ -82,8 +86,16 @@ def _batch(syn: Synthetic, start: int, n: int, chunk: int, vdim: int) -> tuple[l
         for i in np.unique(ids)
     ]
     boxes = np.tile(np.array([[0, 0, 10, 10]], np.float32), (n, 1))
-    batch = ProposalBatch(ids.astype(np.int64), ((start + np.arange(n)) % PER_IMAGE).astype(np.int32), boxes,
-                          np.ones(n, np.float32), level, s, b, vec)
+    batch = ProposalBatch(
+        ids.astype(np.int64),
+        ((start + np.arange(n)) % PER_IMAGE).astype(np.int32),
+        boxes,
+        np.ones(n, np.float32),
+        level,
+        s,
+        b,
+        vec,
+    )
     return records, batch
 
 
@@ -111,11 +123,18 @@ class _Proposer:
         out = []
         for im in images:
             n = num_proposals
-            out.append(Detections(
-                boxes=torch.rand(n, 4) * 100, scores=torch.rand(n), labels=torch.zeros(n, dtype=torch.int64),
-                image_size=(im.height, im.width), embeddings=torch.randn(n, EMBED_DIM),
-                levels=torch.randint(0, 3, (n,)), logit_scale=torch.full((n,), 2.6), logit_bias=torch.full((n,), -10.0),
-            ))
+            out.append(
+                Detections(
+                    boxes=torch.rand(n, 4) * 100,
+                    scores=torch.rand(n),
+                    labels=torch.zeros(n, dtype=torch.int64),
+                    image_size=(im.height, im.width),
+                    embeddings=torch.randn(n, EMBED_DIM),
+                    levels=torch.randint(0, 3, (n,)),
+                    logit_scale=torch.full((n,), 2.6),
+                    logit_bias=torch.full((n,), -10.0),
+                )
+            )
         return out
 
 
@@ -127,10 +146,20 @@ def indexing_throughput(workdir: Path, images: int) -> dict:
     g = np.random.default_rng(0)
     for i in range(images):
         Image.fromarray(g.integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(folder / f"{i:05d}.jpg", quality=90)
-    report = build_index(workdir / "pipeline.index", folder, _Proposer(), model=MODEL,
-                         settings=ExtractionSettings(commit_every=64), progress=False)
-    return {"images": images, "seconds": round(report.seconds, 2), "images_per_s": round(report.images_per_second, 1),
-            "proposals_per_s": round(report.proposals / report.seconds, 0)}
+    report = build_index(
+        workdir / "pipeline.index",
+        folder,
+        _Proposer(),
+        model=MODEL,
+        settings=ExtractionSettings(commit_every=64),
+        progress=False,
+    )
+    return {
+        "images": images,
+        "seconds": round(report.seconds, 2),
+        "images_per_s": round(report.images_per_second, 1),
+        "proposals_per_s": round(report.proposals / report.seconds, 0),
+    }
 
 
 def main() -> None:
@@ -154,8 +183,14 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     workdir = args.dir / f"rows{args.rows}_{args.vector_dtype}"
     loc = workdir / "index"
-    result: dict = {"rows": args.rows, "dim": vector_dim_for(EMBED_DIM), "vector_dtype": args.vector_dtype,
-                    "cpus": os.cpu_count(), "k": args.k, "queries": args.queries}
+    result: dict = {
+        "rows": args.rows,
+        "dim": vector_dim_for(EMBED_DIM),
+        "vector_dtype": args.vector_dtype,
+        "cpus": os.cpu_count(),
+        "k": args.k,
+        "queries": args.queries,
+    }
     syn = Synthetic(args.clusters)
     if not (args.reuse and loc.exists()):
         shutil.rmtree(workdir, ignore_errors=True)
@@ -189,7 +224,9 @@ def main() -> None:
     lat, recall = [], []
     for i in range(args.queries):
         t0 = time.perf_counter()
-        (hits,) = store.search(q[i : i + 1], args.k, exact=False, nprobes=args.nprobes, refine_factor=args.refine_factor)
+        (hits,) = store.search(
+            q[i : i + 1], args.k, exact=False, nprobes=args.nprobes, refine_factor=args.refine_factor
+        )
         lat.append(time.perf_counter() - t0)
         recall.append(len(keys(hits) & keys(truth[i])) / args.k)
     result["ann_p50_ms"] = round(float(np.percentile(lat, 50)) * 1e3, 2)

@@ -1,4 +1,5 @@
 """Test doubles for the object index: a deterministic fake WeDetect-Uni proposer and image helpers."""
+
 from __future__ import annotations
 
 import time

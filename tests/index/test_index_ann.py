@@ -1,4 +1,5 @@
 """ANN search on the LanceDB backend: re-scored exactly, high recall against exact, new rows still found."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,10 +23,20 @@ def _add(store, first_image: int, images: int, seed: int, clusters: slice) -> No
     level = torch.randint(0, 3, (n,), generator=g)
     s, b = torch.tensor([2.0, 2.4, 2.8])[level], torch.tensor([-8.0, -9.0, -10.0])[level]
     ids = np.repeat(np.arange(first_image, first_image + images), PER_IMAGE).astype(np.int64)
-    batch = ProposalBatch(ids, np.tile(np.arange(PER_IMAGE, dtype=np.int32), images), np.zeros((n, 4), np.float32),
-                          np.ones(n, np.float32), level.numpy().astype(np.int8), s.numpy(), b.numpy(),
-                          proposal_vectors(e, s, b, store.meta.vector_dim))
-    recs = [ImageRecord(int(i), f"/img/{i}.jpg", f"{i:064x}", 10, 10, PER_IMAGE) for i in range(first_image, first_image + images)]
+    batch = ProposalBatch(
+        ids,
+        np.tile(np.arange(PER_IMAGE, dtype=np.int32), images),
+        np.zeros((n, 4), np.float32),
+        np.ones(n, np.float32),
+        level.numpy().astype(np.int8),
+        s.numpy(),
+        b.numpy(),
+        proposal_vectors(e, s, b, store.meta.vector_dim),
+    )
+    recs = [
+        ImageRecord(int(i), f"/img/{i}.jpg", f"{i:064x}", 10, 10, PER_IMAGE)
+        for i in range(first_image, first_image + images)
+    ]
     store.add(recs, batch)
 
 

@@ -1,4 +1,5 @@
 """`wedetect index add|search|info` with a fake proposer and a fake text tower behind the real CLI."""
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,19 @@ def _run(*args):
 
 
 def _add(env, *extra):
-    return _run("add", "--uni-checkpoint", env / "uni.pth", "--index", env / "idx", "--images", env / "imgs",
-                "--no-progress", "--device", "cpu", *extra)
+    return _run(
+        "add",
+        "--uni-checkpoint",
+        env / "uni.pth",
+        "--index",
+        env / "idx",
+        "--images",
+        env / "imgs",
+        "--no-progress",
+        "--device",
+        "cpu",
+        *extra,
+    )
 
 
 def test_add_reports_failures_and_resumes(env):
@@ -60,7 +72,11 @@ def test_add_reports_failures_and_resumes(env):
     assert report["added"] == 7 and report["skipped"] == 0 and report["proposals"] > 7
     assert [f["path"].rsplit("/", 1)[-1] for f in report["failed"]] == ["bad.jpg"]
     r2 = _add(env)
-    assert r2.exit_code == 0 and "skipped 8 already indexed" in r2.output and "1 images failed in earlier runs" in r2.output
+    assert (
+        r2.exit_code == 0
+        and "skipped 8 already indexed" in r2.output
+        and "1 images failed in earlier runs" in r2.output
+    )
     # A different checkpoint file is refused with one line, no traceback.
     (env / "uni.pth").write_bytes(b"other weights")
     r3 = _add(env)
@@ -71,8 +87,23 @@ def test_add_reports_failures_and_resumes(env):
 
 def test_search_json_matches_api_and_writes_crops(env):
     assert _add(env).exit_code == 0
-    args = ["search", "--index", env / "idx", "--checkpoint", env / "det.pth", "--text", "狗", "--text", "red car",
-            "--top-k", "5", "--json", "-", "--device", "cpu"]
+    args = [
+        "search",
+        "--index",
+        env / "idx",
+        "--checkpoint",
+        env / "det.pth",
+        "--text",
+        "狗",
+        "--text",
+        "red car",
+        "--top-k",
+        "5",
+        "--json",
+        "-",
+        "--device",
+        "cpu",
+    ]
     r = _run(*args, "--output-dir", env / "crops")
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
@@ -91,8 +122,22 @@ def test_search_json_matches_api_and_writes_crops(env):
     FakeTextTower.loads = 0
     assert _run(*args).exit_code == 0 and FakeTextTower.loads == 0
     # Per-image ranking with a threshold and annotated full images.
-    r = _run("search", "--index", env / "idx", "--checkpoint", env / "det.pth", "--text", "狗", "--per-image",
-             "--min-score", "0.2", "--json", "-", "--output-dir", env / "ann")
+    r = _run(
+        "search",
+        "--index",
+        env / "idx",
+        "--checkpoint",
+        env / "det.pth",
+        "--text",
+        "狗",
+        "--per-image",
+        "--min-score",
+        "0.2",
+        "--json",
+        "-",
+        "--output-dir",
+        env / "ann",
+    )
     hits = json.loads(r.stdout)[0]["hits"]
     assert len({h["path"] for h in hits}) == len(hits) and all(h["score"] > 0.2 for h in hits)
     assert all(Image.open(p).size == (60, 40) for p in (env / "ann" / "00_狗").iterdir())

@@ -1,4 +1,5 @@
 """Multi-process extraction under torchrun: each rank writes its own part, rank 0 commits them once."""
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,18 @@ def test_torchrun_two_ranks_match_single_process(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(Path(__file__).parent)]), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-           str(script), str(tmp_path / "idx"), str(tmp_path / "imgs")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29517",
+        str(script),
+        str(tmp_path / "idx"),
+        str(tmp_path / "imgs"),
+    ]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     import json
@@ -51,7 +62,8 @@ def test_torchrun_two_ranks_match_single_process(tmp_path):
         recs = sorted((r.path, r.hash, r.num_proposals) for r in store.images())
         rows = sorted(
             (int(i), int(k), tuple(np.round(v[:8], 5)))
-            for b in store.iter_proposals() for i, k, v in zip(b.image_id, b.rank, b.vector)
+            for b in store.iter_proposals()
+            for i, k, v in zip(b.image_id, b.rank, b.vector)
         )
         return recs, rows
 

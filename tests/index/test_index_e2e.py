@@ -1,5 +1,6 @@
 """End to end with the real models: WeDetect-Uni proposals indexed, queried through `wedetect index search`
 with the WeDetect text tower; scores must equal the official formula on the proposer's own outputs."""
+
 from __future__ import annotations
 
 import json
@@ -28,14 +29,22 @@ class Recording:
         return dets
 
 
-def test_real_uni_index_and_cli_search(official_checkpoint, tiny_tokenizer, demo_image, shapes_image, tmp_path, monkeypatch):
+def test_real_uni_index_and_cli_search(
+    official_checkpoint, tiny_tokenizer, demo_image, shapes_image, tmp_path, monkeypatch
+):
     monkeypatch.setenv("WEDETECT_CACHE_DIR", str(tmp_path / "cache"))
     uni_ckpt = official_checkpoint("keys_uni_base.json")
     det_ckpt = official_checkpoint("keys_detector_tiny.json")
     settings = ExtractionSettings(num_proposals=50, batch_size=2)
     proposer = Recording(WeDetectUni.from_pretrained(uni_ckpt))
-    report = build_index(tmp_path / "idx", [demo_image, shapes_image], proposer,
-                         model=checkpoint_identity(uni_ckpt, settings), settings=settings, progress=False)
+    report = build_index(
+        tmp_path / "idx",
+        [demo_image, shapes_image],
+        proposer,
+        model=checkpoint_identity(uni_ckpt, settings),
+        settings=settings,
+        progress=False,
+    )
     assert report.added == 2 and report.proposals == sum(len(d) for d in proposer.outputs) > 0
     assert all(d.embeddings.shape[1] == 768 for d in proposer.outputs)
 
@@ -47,9 +56,28 @@ def test_real_uni_index_and_cli_search(official_checkpoint, tiny_tokenizer, demo
         logits = torch.exp(det.logit_scale)[:, None] * (det.embeddings @ text.T) + det.logit_bias[:, None]
         official += [(path, det.boxes[i].tolist(), torch.sigmoid(logits[i])) for i in range(len(det))]
 
-    res = CliRunner().invoke(cli.app, ["search", "--index", str(tmp_path / "idx"), "--checkpoint", str(det_ckpt),
-                                       "--tokenizer", str(tiny_tokenizer), "--text", queries[0], "--text", queries[1],
-                                       "--top-k", "10", "--json", "-", "--device", "cpu"])
+    res = CliRunner().invoke(
+        cli.app,
+        [
+            "search",
+            "--index",
+            str(tmp_path / "idx"),
+            "--checkpoint",
+            str(det_ckpt),
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "--text",
+            queries[0],
+            "--text",
+            queries[1],
+            "--top-k",
+            "10",
+            "--json",
+            "-",
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code == 0, res.output
     for qi, q in enumerate(json.loads(res.stdout)):
         want = sorted(official, key=lambda r: -float(r[2][qi]))[:10]

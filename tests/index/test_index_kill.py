@@ -1,4 +1,5 @@
 """A real indexing process killed mid-run (SIGKILL) and restarted loses and duplicates nothing."""
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,14 @@ def _indexed(path: Path) -> int:
 
 def _start(idx: Path, imgs: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(Path(__file__).parent)]))
-    return subprocess.Popen([sys.executable, "-c", WORKER, str(idx), str(imgs)], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", WORKER, str(idx), str(imgs)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.mark.slow
@@ -70,7 +77,8 @@ def test_sigkill_mid_run_then_resume(tmp_path):
         recs = sorted((r.path, r.hash, r.num_proposals, r.status) for r in store.images())
         rows = [
             (int(i), int(k), tuple(np.round(v[:8], 5)))
-            for b in store.iter_proposals() for i, k, v in zip(b.image_id, b.rank, b.vector)
+            for b in store.iter_proposals()
+            for i, k, v in zip(b.image_id, b.rank, b.vector)
         ]
         return recs, rows, store.count_proposals()
 

@@ -1,4 +1,5 @@
 """Object index: official scoring, exact search, incremental/resumable add, bad input."""
+
 from __future__ import annotations
 
 import errno
@@ -131,7 +132,8 @@ def test_rerun_skips_and_adds_only_new_images(tmp_path, loc):
     assert len(store.images()) == 9
     assert store.count_proposals() == count + r3.proposals
     # Touched but unchanged content: re-hashed, not re-extracted.
-    import os, time
+    import os
+    import time
 
     os.utime(imgs[0], (time.time() + 5, time.time() + 5))
     r4 = build_index(loc, tmp_path / "imgs", again, model=MODEL, settings=SMALL, progress=False)

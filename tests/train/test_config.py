@@ -48,6 +48,8 @@ def test_overrides_are_typed_and_validated(tmp_path: Path) -> None:
 def test_yaml_file_round_trip(tmp_path: Path) -> None:
     cfg = load_config("synth_nano", ["optim.custom_keys.neck={lr_mult: 2.0}"])
     assert cfg.optim.custom_keys["neck"].lr_mult == 2.0
+    cfg = load_config("synth_nano", ['optim.custom_keys."backbone.text_model".lr_mult=0.5'])
+    assert cfg.optim.custom_keys["backbone.text_model"].lr_mult == 0.5
     path = tmp_path / "c.yaml"
     path.write_text(cfg.dump(), encoding="utf-8")
     assert load_config(path) == cfg

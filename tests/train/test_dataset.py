@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from wedetect.train.dataset import DatasetError, PipelineConfig, TrainDataset, collate, load_coco
+from wedetect.train.dataset import (
+    DatasetError,
+    PipelineConfig,
+    TrainDataset,
+    collate,
+    load_coco,
+)
 
 
 def _write(tmp_path: Path, images: list[dict], annotations: list[dict], categories=None) -> Path:

@@ -43,7 +43,7 @@ def test_two_process_gloo_training(synth_data: dict, tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
-         str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+         str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world"] == 2 for r in ranks)
@@ -51,4 +51,3 @@ def test_two_process_gloo_training(synth_data: dict, tmp_path: Path) -> None:
     assert ranks[0]["hash"] == ranks[1]["hash"]  # DDP kept the replicas identical
     ckpt = torch.load(out / "epoch_1.pth", map_location="cpu", weights_only=True)
     assert ckpt["meta"]["iter"] == 6
-    assert not (out / "rank0.json").read_text() == ""

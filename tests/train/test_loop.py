@@ -11,7 +11,14 @@ import torch
 from train_helpers import tiny_config
 
 from wedetect.train.config import load_config
-from wedetect.train.loop import DivergedError, EpochSampler, Trainer, build_model, lr_factor, param_groups
+from wedetect.train.loop import (
+    DivergedError,
+    EpochSampler,
+    Trainer,
+    build_model,
+    lr_factor,
+    param_groups,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +62,7 @@ def test_sampler_shards_pads_and_resumes_mid_epoch() -> None:
     ranks = [EpochSampler(10, r, 3, seed=4) for r in range(3)]
     shards = [s.indices() for s in ranks]
     assert [len(s) for s in shards] == [4, 4, 4]
-    assert sorted(set(i for s in shards for i in s)) == list(range(10))
+    assert sorted({i for s in shards for i in s}) == list(range(10))
     again = EpochSampler(10, 1, 3, seed=4)
     assert again.indices() == shards[1]
     again.epoch = 1

@@ -1,7 +1,6 @@
 """The ``wedetect`` command: a thin layer over the package's Python API."""
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -178,28 +177,20 @@ def propose(
 
 
 def _mount_subcommands() -> None:
-    """Attach the sub-apps of the other parts (each lives in its own module)."""
-    for module, name in (("index", "index"), ("eval", "eval"), ("train", None), ("ref", None)):
-        try:
-            mod = importlib.import_module(f"{__name__}.{module}")
-        except ImportError as e:
-            if e.name and e.name.startswith(__name__):
-                continue  # that part is not installed in this build
-            raise
-        if name is None:  # modules whose commands sit at the top level
-            for cmd in mod.app.registered_commands:
-                app.registered_commands.append(cmd)
-            for group in mod.app.registered_groups:
-                app.registered_groups.append(group)
-        else:
-            if module == "eval":
-                try:
-                    from .rec_eval import app as rec_app
+    """Attach the other parts' commands: ``eval`` (+ ``eval rec``) and ``index`` as groups; ``ref``,
+    ``ref-finetune``, ``train``, ``finetune``, ``class-embeddings`` and ``data`` at the top level."""
+    from . import eval as eval_cli
+    from . import index as index_cli
+    from . import rec_eval
+    from . import ref as ref_cli
+    from . import train as train_cli
 
-                    mod.app.registered_commands.extend(rec_app.registered_commands)
-                except ImportError:
-                    pass
-            app.add_typer(mod.app, name=name)
+    eval_cli.app.registered_commands.extend(rec_eval.app.registered_commands)
+    app.add_typer(eval_cli.app, name="eval")
+    app.add_typer(index_cli.app, name="index")
+    for sub in (ref_cli.app, train_cli.app):
+        app.registered_commands.extend(sub.registered_commands)
+        app.registered_groups.extend(sub.registered_groups)
 
 
 _mount_subcommands()

@@ -1,4 +1,5 @@
 """``wedetect index``: build a persistent WeDetect-Uni object index and search it by text."""
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,10 @@ from .common import (
     Tokenizer,
     UniCheckpoint,
     emit_json,
-    info as say,
     user_errors,
+)
+from .common import (
+    info as say,
 )
 
 app = typer.Typer(
@@ -69,10 +72,14 @@ def add(
     num_proposals: int = typer.Option(300, "--num-proposals", min=1, help="Proposals kept per image (official: 300)."),
     score_threshold: float = typer.Option(0.0, "--score-threshold", help="Drop proposals scoring at or below this."),
     batch_size: BatchSize = 8,
-    commit_every: int = typer.Option(256, "--commit-every", min=1, help="Images per commit: the most a crash can lose."),
+    commit_every: int = typer.Option(
+        256, "--commit-every", min=1, help="Images per commit: the most a crash can lose."
+    ),
     workers: int = typer.Option(4, "--workers", min=1, help="Threads reading and hashing images ahead of the model."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Retry images recorded as unreadable earlier."),
-    staging_dir: Optional[Path] = typer.Option(None, "--staging-dir", help="Per-rank parts under torchrun (default <index>.parts)."),
+    staging_dir: Optional[Path] = typer.Option(
+        None, "--staging-dir", help="Per-rank parts under torchrun (default <index>.parts)."
+    ),
     ann: Optional[bool] = typer.Option(
         None, "--ann/--no-ann", help=f"Build an ANN (IVF) index (default: when >= {ANN_MIN_PROPOSALS:,} proposals)."
     ),
@@ -97,7 +104,14 @@ def add(
         model = checkpoint_identity(uni_checkpoint, settings, size)
         proposer = _load_uni(uni_checkpoint, size, _device(device), dtype)
         report = build_index(
-            index, images, proposer, model=model, settings=settings, backend=backend, progress=progress, staging_dir=staging_dir
+            index,
+            images,
+            proposer,
+            model=model,
+            settings=settings,
+            backend=backend,
+            progress=progress,
+            staging_dir=staging_dir,
         )
         if int(os.environ.get("RANK", "0")) != 0:
             return
@@ -133,7 +147,9 @@ def search(
     min_score: Optional[float] = typer.Option(None, "--min-score", help="Keep scores > this (the official decision)."),
     per_image: bool = typer.Option(False, "--per-image", help="Rank images by their best object."),
     output_dir: OutputDir = None,
-    exact: Optional[bool] = typer.Option(None, "--exact/--ann", help="Force exact or ANN search (default: ANN if built)."),
+    exact: Optional[bool] = typer.Option(
+        None, "--exact/--ann", help="Force exact or ANN search (default: ANN if built)."
+    ),
     nprobes: int = typer.Option(32, "--nprobes", min=1, help="ANN: IVF partitions probed."),
     refine_factor: int = typer.Option(10, "--refine-factor", min=1, help="ANN: top-k multiple re-ranked exactly."),
     backend: str = Backend,
@@ -158,7 +174,9 @@ def search(
         idx = ObjectIndex.open(index, backend=backend, device=dev)
         encoder = _text_encoder(checkpoint, tokenizer, dev, dtype)
         ann = {"nprobes": nprobes, "refine_factor": refine_factor}
-        results = idx.search(queries, encoder, top_k=top_k, min_score=min_score, per_image=per_image, exact=exact, **ann)
+        results = idx.search(
+            queries, encoder, top_k=top_k, min_score=min_score, per_image=per_image, exact=exact, **ann
+        )
         if output_dir is not None:
             save_visuals(results, output_dir, annotate=per_image)
         emit_json([r.to_dict() for r in results], json_out)

@@ -8,10 +8,6 @@ ones unless ``--corrected`` is given.
 from __future__ import annotations
 
 import dataclasses
-import json
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
@@ -19,7 +15,7 @@ from typing import Any, Optional
 import numpy as np
 import typer
 
-from wedetect.errors import WeDetectError
+from wedetect.cli.common import emit_json, user_errors
 from wedetect.eval.rec import (
     D3_SUBSETS,
     GREFCOCO_SPLITS,
@@ -55,16 +51,6 @@ _MARKERS = {
 }
 
 
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    """User-facing errors become a one-line message and exit code 1 (no traceback)."""
-    try:
-        yield
-    except WeDetectError as err:
-        typer.echo(f"Error: {err}", err=True)
-        raise typer.Exit(1) from None
-
-
 def _detect_kind(folder: Path) -> RecKind:
     found = [kind for kind, files in _MARKERS.items() if any((folder / f).is_file() for f in files)]
     if len(found) != 1:
@@ -75,11 +61,9 @@ def _detect_kind(folder: Path) -> RecKind:
 
 def _ref_scorer(ref_checkpoint: Path, device: str, dtype: str) -> Scorer:
     """A :data:`Scorer` running WeDetect-Ref (a seam for tests: they substitute a fake scorer)."""
-    try:
-        from wedetect import WeDetectRef
-    except ImportError as exc:
-        raise RecError(f"WeDetect-Ref is not available in this installation ({exc})") from None
     import torch
+
+    from wedetect import WeDetectRef
 
     model = WeDetectRef.from_pretrained(ref_checkpoint, device=device, dtype=dtype)
     cache: dict[str, Any] = {}
@@ -132,14 +116,6 @@ def _print_table(title: str, header: list[str], rows: list[list[Any]], to_stderr
     for row in rows:
         table.add_row(*(_fmt(v) for v in row))
     Console(stderr=to_stderr, width=200).print(table)
-
-
-def _write_json(payload: dict[str, Any], target: str) -> None:
-    text = json.dumps(payload, ensure_ascii=False, indent=2)
-    if target == "-":
-        sys.stdout.write(text + "\n")
-    else:
-        Path(target).write_text(text + "\n", encoding="utf-8")
 
 
 @app.command("rec")
@@ -196,7 +172,7 @@ def rec(
         raise typer.BadParameter(f"{dataset_dir} is not a folder", param_hint="DATASET_DIR")
     kind = dataset or _detect_kind(dataset_dir)
     root = image_root if image_root is not None else dataset_dir
-    with _user_errors():
+    with user_errors():
         try:
             config = PostprocessConfig(
                 num_select=num_select, score_threshold=score_thre, nms=nms, nms_iou=nms_iou, single_box=single_box
@@ -242,4 +218,4 @@ def rec(
             "source": source,
             "results": results,
         }
-        _write_json(payload, json_out)
+        emit_json(payload, json_out)

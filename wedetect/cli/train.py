@@ -9,10 +9,9 @@ import logging
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated
 
 import typer
-from typing_extensions import Annotated
 
 from .common import ClassesFile, Device, Tokenizer, fail, info, user_errors
 
@@ -21,10 +20,10 @@ app = typer.Typer(help="Finetune WeDetect.", no_args_is_help=True, add_completio
 data_app = typer.Typer(help="Dataset utilities.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-Overrides = Annotated[Optional[List[str]], typer.Option(
+Overrides = Annotated[list[str] | None, typer.Option(
     "--set", help="Override a config value: dotted.key=value (YAML value), repeatable, e.g. --set optim.lr=1e-4.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Resume from the output folder's last checkpoint.")]
-ResumeFrom = Annotated[Optional[Path], typer.Option("--resume-from", help="Resume from this training checkpoint.")]
+ResumeFrom = Annotated[Path | None, typer.Option("--resume-from", help="Resume from this training checkpoint.")]
 
 
 class Flavour(str, Enum):
@@ -44,7 +43,7 @@ def _setup_logging(output: Path | None) -> None:
     """Log to stderr on rank 0 (and to OUTPUT/train.log); other ranks log warnings only."""
     import os
 
-    rank = int(os.environ.get("RANK", 0))
+    rank = int(os.environ.get("RANK", "0"))
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if output is not None and rank == 0:
         output.mkdir(parents=True, exist_ok=True)
@@ -53,7 +52,7 @@ def _setup_logging(output: Path | None) -> None:
                         format="%(asctime)s %(levelname)s %(message)s", handlers=handlers, force=True)
 
 
-def _run(cfg, resume: bool, resume_from: Optional[Path], quiet: bool) -> None:
+def _run(cfg, resume: bool, resume_from: Path | None, quiet: bool) -> None:
     from ..train.loop import Trainer
 
     _setup_logging(Path(cfg.output))
@@ -69,9 +68,9 @@ def _run(cfg, resume: bool, resume_from: Optional[Path], quiet: bool) -> None:
 def train(
     config: Annotated[str, typer.Argument(help="Training config YAML, or the name of a shipped config.")],
     overrides: Overrides = None,
-    output: Annotated[Optional[Path], typer.Option("--output", help="Run folder (overrides the config).")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or auto (overrides the config).")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed (default: random, logged).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", help="Run folder (overrides the config).")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda or auto (overrides the config).")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Random seed (default: random, logged).")] = None,
     resume: Resume = False,
     resume_from: ResumeFrom = None,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
@@ -90,24 +89,24 @@ def finetune(
     train_ann: Annotated[Path, typer.Option("--train", help="Training annotations (COCO JSON).")],
     train_images: Annotated[Path, typer.Option("--train-images", help="Folder of the training images.")],
     output: Annotated[Path, typer.Option("--output", help="Run folder for checkpoints and logs.")],
-    val_ann: Annotated[Optional[Path], typer.Option("--val", help="Validation annotations (COCO JSON).")] = None,
-    val_images: Annotated[Optional[Path], typer.Option("--val-images", help="Folder of the validation images.")] = None,
+    val_ann: Annotated[Path | None, typer.Option("--val", help="Validation annotations (COCO JSON).")] = None,
+    val_images: Annotated[Path | None, typer.Option("--val-images", help="Folder of the validation images.")] = None,
     classes_file: ClassesFile = None,
     tokenizer: Tokenizer = None,
     flavour: Annotated[Flavour, typer.Option("--flavour", help="open-vocab, mask-refine or closed-set.")] = Flavour.open_vocab,
-    class_embeddings: Annotated[Optional[Path], typer.Option(
+    class_embeddings: Annotated[Path | None, typer.Option(
         "--class-embeddings", help="Closed set: .npy from `wedetect class-embeddings`.")] = None,
-    config: Annotated[Optional[str], typer.Option("--config", help="Base config (default: the flavour's COCO config).")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1)] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images per process.")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Base learning rate.")] = None,
-    accumulate: Annotated[Optional[int], typer.Option("--accumulate", min=1, help="Batches per optimizer step.")] = None,
-    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision.")] = None,
-    ema: Annotated[Optional[bool], typer.Option("--ema/--no-ema", help="Keep an EMA of the weights.")] = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", min=0, help="Data loader processes.")] = None,
+    config: Annotated[str | None, typer.Option("--config", help="Base config (default: the flavour's COCO config).")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1)] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Images per process.")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Base learning rate.")] = None,
+    accumulate: Annotated[int | None, typer.Option("--accumulate", min=1, help="Batches per optimizer step.")] = None,
+    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Mixed precision.")] = None,
+    ema: Annotated[bool | None, typer.Option("--ema/--no-ema", help="Keep an EMA of the weights.")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=0, help="Data loader processes.")] = None,
     overrides: Overrides = None,
     device: Device = "auto",
-    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
     resume: Resume = False,
     resume_from: ResumeFrom = None,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),

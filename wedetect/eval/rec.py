@@ -32,12 +32,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
-from torchvision.ops import batched_nms
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    import torch
 
 from wedetect.errors import WeDetectError
 
@@ -180,6 +181,9 @@ def postprocess_scores(
     ``num_select`` rows come out by descending score. ``single_box`` instead keeps one row per proposal
     (its best query), optionally NMS-ed.
     """
+    import torch  # deferred: keeps `wedetect --help` fast
+    from torchvision.ops import batched_nms
+
     boxes_t = torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4)
     scores_t = torch.as_tensor(np.asarray(scores, dtype=np.float32))
     if scores_t.ndim != 2 or scores_t.shape[1] != boxes_t.shape[0]:

@@ -12,6 +12,7 @@ proposal's box, score, level and search vector. It is incremental and crash-safe
 * under ``torchrun`` each rank extracts a shard into its own part (a local LanceDB store) and
   rank 0 commits all parts into the index at the end, once.
 """
+
 from __future__ import annotations
 
 import errno
@@ -23,10 +24,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Protocol, Sequence
+from typing import Iterable, Protocol, Sequence
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
@@ -53,7 +53,12 @@ class Proposer(Protocol):
     """What extraction needs from WeDetect-Uni (``WeDetectUni.propose``)."""
 
     def propose(
-        self, images: list, num_proposals: int = 300, score_threshold: float = 0.0, batch_size: int = 8, progress: bool = False
+        self,
+        images: list,
+        num_proposals: int = 300,
+        score_threshold: float = 0.0,
+        batch_size: int = 8,
+        progress: bool = False,
     ) -> list[Detections]: ...
 
 
@@ -213,11 +218,11 @@ class _Writer:
             return
         records, self._held = self._held + records, []
         batch = ProposalBatch.concat(batches, self.store.meta.vector_dim)
-        _guarded(lambda: self.store.add(records, batch))
+        _guarded(self.store.add, records, batch)
 
     def remove(self, image_ids: list[int]) -> None:
         if image_ids and self.store is not None:
-            _guarded(lambda: self.store.remove_images(image_ids))
+            _guarded(self.store.remove_images, image_ids)
 
     def finish(self, embed_dim_hint: int | None) -> None:
         """Flush held failures (creating the index if no image could be read at all)."""
@@ -229,9 +234,10 @@ class _Writer:
             _guarded(self.store.optimize)
 
 
-def _guarded(fn) -> None:
+def _guarded(fn, *args) -> None:
+    """Run a store write, turning backend I/O errors into a clear user-facing error."""
     try:
-        fn()
+        fn(*args)
     except WeDetectError:
         raise
     except Exception as e:  # backend I/O errors: disk full, permissions, connection lost
@@ -412,8 +418,8 @@ def _merge_parts(parts_root: Path, location: str, backend: str, model: dict) -> 
         stale = [by_path[r.path].image_id for r in new if r.path in by_path]
         new_ids = np.array([r.image_id for r in new], dtype=np.int64)
         batches = (b.take(np.isin(b.image_id, new_ids)) for b in part.iter_proposals())
-        _guarded(lambda: main.remove_images(stale))
-        _guarded(lambda: main.add_stream(new, batches))
+        _guarded(main.remove_images, stale)
+        _guarded(main.add_stream, new, batches)
         report.proposals += sum(r.num_proposals for r in new if r.status == "ok")
         part.close()
         main.close()
@@ -458,7 +464,9 @@ def _build_distributed(
         shard = todo[rank::world]
         report = AddReport() if rank else report
         writer = _Writer(str(parts_root / f"rank-{rank:05d}"), "lancedb", model)
-        report.merge(_extract(writer, shard, known, proposer, settings, progress and rank == 0, f"indexing (rank {rank})"))
+        report.merge(
+            _extract(writer, shard, known, proposer, settings, progress and rank == 0, f"indexing (rank {rank})")
+        )
         dist.barrier(group=group)
         if rank == 0:
             _merge_parts(parts_root, location, backend, model)

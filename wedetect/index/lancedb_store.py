@@ -9,6 +9,7 @@ Search is exact (a streamed float32 matmul, optionally on GPU) until :meth:`buil
 creates an IVF index (RaBitQ codes by default) on the vector column; ANN results are re-ranked on the stored
 vectors (``refine_factor``) and their logits recomputed exactly.
 """
+
 from __future__ import annotations
 
 import json
@@ -72,7 +73,9 @@ _IMAGE_SCHEMA = pa.schema(
 
 
 def _fixed_list(a: np.ndarray, size: int, typ: pa.DataType) -> pa.FixedSizeListArray:
-    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(a, dtype=typ.to_pandas_dtype()).ravel(), typ), size)
+    return pa.FixedSizeListArray.from_arrays(
+        pa.array(np.ascontiguousarray(a, dtype=typ.to_pandas_dtype()).ravel(), typ), size
+    )
 
 
 def batch_to_arrow(batch: ProposalBatch, vector_dim: int, vector_dtype: str = "float32") -> pa.Table:
@@ -144,13 +147,15 @@ class LanceDBStore(VectorStore):
         elif meta is None:
             raise IndexNotFoundError(f"{location} is not a wedetect index (no index metadata found)")
         else:
-            if is_local and any(p for p in Path(location).iterdir() if p.name.removesuffix(".lance") not in {"images", "proposals"}):
+            if is_local and any(
+                p for p in Path(location).iterdir() if p.name.removesuffix(".lance") not in {"images", "proposals"}
+            ):
                 raise ObjectIndexError(f"{location} is a non-empty directory that is not a wedetect index")
             # Tables first, meta last: a crash here leaves no meta, and the next run recreates.
             if meta.vector_dtype not in _VECTOR_TYPES:
                 raise WeDetectError(f"vector dtype {meta.vector_dtype!r} is not one of {sorted(_VECTOR_TYPES)}")
-            schema = _proposal_schema(meta.vector_dim, meta.vector_dtype)
-            for name, schema in (("proposals", schema), ("images", _IMAGE_SCHEMA)):
+            proposals = _proposal_schema(meta.vector_dim, meta.vector_dtype)
+            for name, schema in (("proposals", proposals), ("images", _IMAGE_SCHEMA)):
                 self._db.create_table(name, schema=schema, exist_ok=True)
             self._db.create_table("meta", data=pa.table({"json": [json.dumps(meta.to_dict())]}))
             self.meta = meta
@@ -252,12 +257,20 @@ class LanceDBStore(VectorStore):
     ) -> dict:
         from lancedb import index as lance_index
 
-        configs = {"IVF_RQ": "IvfRq", "IVF_PQ": "IvfPq", "IVF_SQ": "IvfSq", "IVF_FLAT": "IvfFlat", "IVF_HNSW_SQ": "IvfHnswSq"}
+        configs = {
+            "IVF_RQ": "IvfRq",
+            "IVF_PQ": "IvfPq",
+            "IVF_SQ": "IvfSq",
+            "IVF_FLAT": "IvfFlat",
+            "IVF_HNSW_SQ": "IvfHnswSq",
+        }
         if index_type not in configs:
             raise WeDetectError(f"unknown ANN index type {index_type!r} (one of {', '.join(configs)})")
         n = self.count_proposals()
         if n < 256:
-            raise WeDetectError(f"the index holds {n} proposals; an ANN index needs at least 256 (exact search is used)")
+            raise WeDetectError(
+                f"the index holds {n} proposals; an ANN index needs at least 256 (exact search is used)"
+            )
         # About 8k rows per partition: cheap k-means assignment on few cores, and a probe of 32
         # partitions scans only a few hundred thousand compressed codes.
         params: dict = {"num_partitions": num_partitions or max(1, min(n // 8192, 8192))}

@@ -11,6 +11,7 @@ Milvus needs a vector field in every collection; the image and meta collections 
 until :meth:`build_ann_index` switches to an IVF/HNSW index; returned rows are re-scored on
 their stored float32 vectors, like the LanceDB backend.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,18 @@ _ID_CHUNK = 1000
 _MAX_LIMIT = 16384  # Milvus' largest top-k
 _INSERT_ROWS = 2000
 _DUMMY = [0.0, 0.0]
-_IMAGE_FIELDS = ["image_id", "path", "hash", "height", "width", "num_proposals", "status", "error", "file_size", "indexed_at"]
+_IMAGE_FIELDS = [
+    "image_id",
+    "path",
+    "hash",
+    "height",
+    "width",
+    "num_proposals",
+    "status",
+    "error",
+    "file_size",
+    "indexed_at",
+]
 _PROPOSAL_FIELDS = ["image_id", "rank", "box", "score", "level", "logit_scale", "logit_bias", "vector"]
 
 
@@ -136,7 +148,14 @@ class MilvusStore(VectorStore):
             False,
         )
         # Meta last: its presence marks a complete index.
-        collection(self._m, [("key", DataType.VARCHAR, {"max_length": 16}), ("json", DataType.VARCHAR, {"max_length": 65535})], "_v", 2, "key", False)
+        collection(
+            self._m,
+            [("key", DataType.VARCHAR, {"max_length": 16}), ("json", DataType.VARCHAR, {"max_length": 65535})],
+            "_v",
+            2,
+            "key",
+            False,
+        )
         self._client.insert(self._m, [{"key": "meta", "json": json.dumps(meta.to_dict()), "_v": _DUMMY}])
 
     # --- writes ---------------------------------------------------------------------------
@@ -184,11 +203,18 @@ class MilvusStore(VectorStore):
         return int(self._client.query(self._p, filter="", output_fields=["count(*)"])[0]["count(*)"])
 
     def _proposal_image_ids(self) -> np.ndarray:
-        parts = [np.array([r["image_id"] for r in rows], np.int64) for rows in self._iterate(self._p, ["image_id"], _MAX_LIMIT)]
+        parts = [
+            np.array([r["image_id"] for r in rows], np.int64)
+            for rows in self._iterate(self._p, ["image_id"], _MAX_LIMIT)
+        ]
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     def images(self) -> list[ImageRecord]:
-        return [ImageRecord(**{f: r[f] for f in _IMAGE_FIELDS}) for rows in self._iterate(self._i, _IMAGE_FIELDS, _MAX_LIMIT) for r in rows]
+        return [
+            ImageRecord(**{f: r[f] for f in _IMAGE_FIELDS})
+            for rows in self._iterate(self._i, _IMAGE_FIELDS, _MAX_LIMIT)
+            for r in rows
+        ]
 
     def image_records(self, image_ids: Sequence[int]) -> dict[int, ImageRecord]:
         ids = list(dict.fromkeys(int(i) for i in image_ids))

@@ -6,6 +6,7 @@ greater, like the official retrieval decision. Query texts are embedded by the W
 tower (``WeDetect.encode_text``) and cached on disk per checkpoint, so repeated queries do not
 load the model at all.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,7 +21,15 @@ import torch
 
 from wedetect.errors import WeDetectError
 from wedetect.index.build import AddReport, ExtractionSettings, Proposer, build_index
-from wedetect.index.store import ObjectHit, ObjectIndexError, RawHits, VectorStore, open_store, probability, query_vectors
+from wedetect.index.store import (
+    ObjectHit,
+    ObjectIndexError,
+    RawHits,
+    VectorStore,
+    open_store,
+    probability,
+    query_vectors,
+)
 
 # Per-image ANN search first fetches this many proposals per wanted image, then doubles.
 _PER_IMAGE_OVERFETCH = 8
@@ -163,7 +172,9 @@ class ObjectIndex:
         progress: bool = True,
     ) -> AddReport:
         """Extract and store proposals of ``images``; see :func:`~wedetect.index.build.build_index`."""
-        return build_index(location, images, proposer, model=model, settings=settings, backend=backend, progress=progress)
+        return build_index(
+            location, images, proposer, model=model, settings=settings, backend=backend, progress=progress
+        )
 
     def info(self) -> dict:
         records = self.store.images()
@@ -314,7 +325,12 @@ def save_visuals(results: Sequence[QueryResult], output_dir: str | os.PathLike, 
                 draw.rectangle([x1, y1, x2, y2], outline=(255, 64, 32), width=width)
                 draw.text((x1 + width, max(0, y1 - 12)), f"{hit.score:.3f}", fill=(255, 64, 32))
             else:
-                box = (int(np.floor(max(0, x1))), int(np.floor(max(0, y1))), int(np.ceil(min(im.width, x2))), int(np.ceil(min(im.height, y2))))
+                box = (
+                    int(np.floor(max(0, x1))),
+                    int(np.floor(max(0, y1))),
+                    int(np.ceil(min(im.width, x2))),
+                    int(np.ceil(min(im.height, y2))),
+                )
                 if box[2] <= box[0] or box[3] <= box[1]:
                     continue
                 im = im.crop(box)

@@ -13,6 +13,7 @@ quantisation can split them; the padding does not change any inner product.
 
 A backend implements :class:`VectorStore`; :func:`open_store` picks one from the location.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -116,7 +117,9 @@ class IndexMeta:
             raise ObjectIndexError(
                 f"index format version {version} is not supported by this wedetect (expects {FORMAT_VERSION})"
             )
-        return cls(**{k: d[k] for k in ("embed_dim", "vector_dim", "model", "vector_dtype", "format_version", "created_at")})
+        return cls(
+            **{k: d[k] for k in ("embed_dim", "vector_dim", "model", "vector_dtype", "format_version", "created_at")}
+        )
 
     def check_compatible(self, other: "IndexMeta") -> None:
         """Raise unless ``other`` (the model about to write) matches this index."""
@@ -175,8 +178,13 @@ class ProposalBatch:
     @classmethod
     def empty(cls, vector_dim: int) -> "ProposalBatch":
         return cls(
-            np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
-            np.zeros(0, np.int8), np.zeros(0, np.float32), np.zeros(0, np.float32),
+            np.zeros(0, np.int64),
+            np.zeros(0, np.int32),
+            np.zeros((0, 4), np.float32),
+            np.zeros(0, np.float32),
+            np.zeros(0, np.int8),
+            np.zeros(0, np.float32),
+            np.zeros(0, np.float32),
             np.zeros((0, vector_dim), np.float32),
         )
 
@@ -379,7 +387,11 @@ def open_store(
     if not loc:
         raise ObjectIndexError("--index is empty: give a directory (LanceDB) or a Milvus URI")
     if backend == "auto":
-        backend = "milvus" if loc.endswith(".db") or loc.startswith(("http://", "https://", "tcp://", "milvus://")) else "lancedb"
+        backend = (
+            "milvus"
+            if loc.endswith(".db") or loc.startswith(("http://", "https://", "tcp://", "milvus://"))
+            else "lancedb"
+        )
     if backend == "lancedb":
         from wedetect.index.lancedb_store import LanceDBStore
 

@@ -7,6 +7,7 @@ fill in the data paths for each flavour.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -151,7 +152,7 @@ class TrainConfig(_Strict):
     max_iters_per_epoch: int | None = None  # cap (smoke tests)
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
+    def _check(self) -> TrainConfig:
         if self.epochs < 1 or self.batch_size < 1 or self.accumulate < 1:
             raise ValueError("epochs, batch_size and accumulate must be >= 1")
         if self.augment.close_mosaic_epochs < 0:
@@ -167,7 +168,8 @@ class TrainConfig(_Strict):
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b=value`` -> (["a", "b"], YAML-parsed value)."""
+    """``a.b=value`` -> (["a", "b"], YAML-parsed value); a quoted part may hold dots:
+    ``optim.custom_keys."backbone.text_model".lr_mult=0.1``."""
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. optim.lr=1e-4")
     key, raw = text.split("=", 1)
@@ -175,7 +177,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {text!r}: value is not valid YAML ({err})") from err
-    return key.strip().split("."), value
+    parts = [quoted or plain for quoted, plain in re.findall(r'"([^"]+)"|([^.]+)', key.strip())]
+    return parts, value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

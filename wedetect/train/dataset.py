@@ -63,8 +63,8 @@ class LoadReport:
         self.examples.setdefault(reason, []).append(name)
 
     def summary(self) -> str:
-        lines = [f"{self.source}: {self.images_kept}/{self.images_total} images, "
-                 f"{self.annotations_kept}/{self.annotations_total} annotations kept"]
+        lines = [(f"{self.source}: {self.images_kept}/{self.images_total} images, "
+                  f"{self.annotations_kept}/{self.annotations_total} annotations kept")]
         for kind, counter in (("image", self.skipped_images), ("annotation", self.skipped_annotations)):
             for reason, n in counter.most_common():
                 shown = ", ".join(self.examples[reason][:3])
@@ -251,8 +251,8 @@ class TrainDataset(Dataset):
         self.epoch = 0
         self.stage = 1
         self.texts = [tuple(names) for names in data.class_names]
-        self._affine_kw = dict(scaling_ratio_range=cfg.scaling_ratio_range,
-                               max_translate_ratio=cfg.max_translate_ratio, min_area_ratio=cfg.min_area_ratio)
+        self._affine_kw = {"scaling_ratio_range": cfg.scaling_ratio_range,
+                           "max_translate_ratio": cfg.max_translate_ratio, "min_area_ratio": cfg.min_area_ratio}
 
     def __len__(self) -> int:
         return len(self.data.records)

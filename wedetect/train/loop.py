@@ -26,11 +26,22 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from wedetect.checkpoint import load_into, official_state_dict, read_state_dict, to_official
+from wedetect.checkpoint import (
+    load_into,
+    official_state_dict,
+    read_state_dict,
+    to_official,
+)
 from wedetect.errors import WeDetectError
 from wedetect.models.detector import WeDetectModel
 from wedetect.train.config import TrainConfig
-from wedetect.train.dataset import CocoData, PipelineConfig, TrainDataset, collate, load_coco
+from wedetect.train.dataset import (
+    CocoData,
+    PipelineConfig,
+    TrainDataset,
+    collate,
+    load_coco,
+)
 from wedetect.train.losses import DetectionLoss
 
 log = logging.getLogger("wedetect.train")
@@ -232,7 +243,7 @@ def init_distributed(device: str) -> DistInfo:
     """Join the ``torchrun`` process group when its environment is set; else single process."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
     if info.world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if backend == "nccl":
@@ -427,9 +438,9 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v
             bar.update(1)
             every = self.cfg.save_interval_iters
-            if every and accumulated == 0 and not last and self.state.iter_in_epoch % every == 0:
-                if self.dist.is_main:
-                    self._save_latest()
+            due = every and accumulated == 0 and not last and self.state.iter_in_epoch % every == 0
+            if due and self.dist.is_main:
+                self._save_latest()
             if self.state.iter_in_epoch % self.cfg.log_interval == 0 and self.dist.is_main:
                 lr = self.optimizer.param_groups[0]["lr"]
                 log.info("epoch %d iter %d/%d lr %.3g %s", epoch + 1, self.state.iter_in_epoch,
@@ -579,7 +590,7 @@ class Trainer:
             raise TrainingError(f"--resume: checkpoint {path} not found")
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unpickling problem means the same to the user
+        except Exception as err:
             raise TrainingError(f"--resume: cannot read {path} ({err})") from err
         if "trainer" not in ckpt or "optimizer" not in ckpt:
             raise TrainingError(f"{path} is not a training checkpoint of this tool (no optimizer/trainer state)")
@@ -595,6 +606,8 @@ class Trainer:
         if "scaler" in ckpt and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(**ckpt["trainer"])
+        # The run's seed drives the sampler and the augmentation: keep the original one.
+        self.seed = self.train_set.seed = self.sampler.seed = int(ckpt["meta"]["seed"])
         self.history = list(ckpt.get("message_hub", {}).get("history", []))
         _set_rng_state(ckpt["rng"])
         if self.dist.is_main:

@@ -15,7 +15,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from wedetect.train.assigner import AssignResult, TaskAlignedAssigner
-from wedetect.train.box_ops import bbox_ciou, bbox_to_distance, dfl_expectation, distance_to_bbox, make_priors
+from wedetect.train.box_ops import (
+    bbox_ciou,
+    bbox_to_distance,
+    dfl_expectation,
+    distance_to_bbox,
+    make_priors,
+)
 
 __all__ = ["DetectionLoss", "LossOutput", "bbox_ciou", "pad_gt"]
 

@@ -8,6 +8,7 @@ its seed (which is what makes resume exact, independent of worker count).
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -29,7 +30,7 @@ class Sample:
     polygons: list[np.ndarray] | None = None  # one merged (P, 2) polygon per instance (mask refine)
     prompts: list[str] | None = None  # per-image prompt list, set by prompt sampling
 
-    def select(self, keep: np.ndarray) -> "Sample":
+    def select(self, keep: np.ndarray) -> Sample:
         """The sample restricted to the instances where ``keep`` is true."""
         polys = None if self.polygons is None else [p for p, k in zip(self.polygons, keep) if k]
         return replace(self, boxes=self.boxes[keep], labels=self.labels[keep], ignore=self.ignore[keep],
@@ -51,7 +52,7 @@ def merge_polygons(polygons: Sequence[np.ndarray]) -> np.ndarray:
     if len(parts) == 1:
         return parts[0]
     links = []  # (exit vertex in part k, entry vertex in part k + 1)
-    for a, b in zip(parts[:-1], parts[1:]):
+    for a, b in itertools.pairwise(parts):
         d = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
         links.append(np.unravel_index(int(d.argmin()), d.shape))
 
