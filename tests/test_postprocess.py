@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from torchvision.ops import nms
+
 from wedetect.postprocess import PostprocessConfig, detector_postprocess, detector_postprocess_fast, offset_batched_nms
 from wedetect.structures import LetterboxMeta
 
@@ -50,3 +52,30 @@ def test_offset_trick_keeps_labels_apart_and_splits_at_10000():
     wide = torch.tensor([[0.0, 0.0, 20.0, 20.0], [-21.0, -21.0, -1.0, -1.0]])
     out = offset_batched_nms(wide, torch.tensor([0.9, 0.8]), torch.tensor([0, 1]), 0.7)
     assert out.tolist() == [0]
+
+
+def test_label_separation_check_is_exact():
+    """Where the check allows one NMS over all offset boxes (the GPU path), it equals the per-label loop."""
+    from wedetect.postprocess import _labels_cannot_meet, _per_label_nms
+
+    wide = torch.tensor([[0.0, 0.0, 20.0, 20.0], [-21.0, -21.0, -1.0, -1.0]])
+    labels = torch.tensor([0, 1])
+    unit = wide.max() + 1
+    shifted = wide + (labels.float() * unit)[:, None]
+    assert not _labels_cannot_meet(wide, shifted, labels, unit, 0.7)
+    allowed = 0
+    for seed in range(30):
+        g = torch.Generator().manual_seed(seed)
+        n, k = 3000, 6
+        c = torch.rand(n, 2, generator=g) * 700 - 30
+        wh = torch.rand(n, 2, generator=g) * 80 + 1
+        boxes = torch.cat([c - wh / 2, c + wh / 2], dim=1)
+        scores = torch.rand(n, generator=g)
+        labels = torch.randint(0, k, (n,), generator=g)
+        unit = boxes.max() + 1
+        shifted = boxes + (labels.float() * unit)[:, None]
+        if _labels_cannot_meet(boxes, shifted, labels, unit, 0.7):
+            allowed += 1
+            single = nms(shifted, scores, 0.7)
+            assert set(single.tolist()) == set(_per_label_nms(shifted, scores, labels, 0.7).tolist())
+    assert allowed > 0

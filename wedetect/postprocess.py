@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torchvision.ops import batched_nms as tv_batched_nms
-from torchvision.ops import nms
+from torchvision.ops import box_iou, nms
 
 from .structures import LetterboxMeta
 
@@ -104,6 +104,26 @@ def detector_postprocess(
     return clamp_to_image(cand[keep], meta), scores[keep], labels[keep]
 
 
+def _labels_cannot_meet(
+    boxes: torch.Tensor, shifted: torch.Tensor, labels: torch.Tensor, offset_unit: torch.Tensor, iou: float
+) -> bool:
+    """True when one NMS over the offset boxes cannot suppress across labels.
+
+    With offset unit M + 1 (M = max coordinate), a box of a higher label reaches a lower label's
+    band only if both its x1 and y1 are below -1; only such boxes are checked (IoU as NMS computes it).
+    """
+    if boxes.numel() == 0:
+        return True
+    if offset_unit <= 0:
+        return False
+    risky = ((boxes[:, 0] < 0) & (boxes[:, 1] < 0)).nonzero().view(-1)
+    if risky.numel() == 0:
+        return True
+    overlap = box_iou(shifted[risky], shifted)
+    overlap[labels[risky][:, None] == labels[None, :]] = 0
+    return not bool((overlap > iou).any())
+
+
 def detector_postprocess_fast(
     logits: torch.Tensor,
     boxes: torch.Tensor,
@@ -118,8 +138,8 @@ def detector_postprocess_fast(
       by a higher-scoring one, so the survivors above the threshold do not depend on them. The label
       offset (from the max coordinate over ALL candidates) and the one-NMS/per-label choice (from the
       candidate count) are kept, so every IoU is computed from the same float32 coordinates;
-    - above 10000 candidates the per-label loop becomes one NMS over the offset boxes whenever no
-      coordinate is below -1: then boxes of different labels cannot overlap, so nothing changes.
+    - on a GPU, above 10000 candidates the per-label loop becomes one NMS over the offset boxes whenever
+      no pair of boxes of different labels can reach IoU > threshold after the offset (checked exactly).
     Only the order among exactly tied scores may differ from the reference path.
     """
     scores = logits.sigmoid().flatten()
@@ -139,7 +159,8 @@ def detector_postprocess_fast(
     split = idx.numel() >= _SPLIT_THR
     cand, cand_scores, labels = cand[sel], cand_scores[sel], labels[sel]
     shifted = cand + (labels.to(cand) * offset_unit)[:, None]
-    if not split or cand.numel() == 0 or cand.min() >= -1:
+    # One NMS call is one kernel on a GPU; on a CPU it costs O(n^2) over all labels, the loop far less.
+    if not split or (shifted.is_cuda and _labels_cannot_meet(cand, shifted, labels, offset_unit, cfg.iou_threshold)):
         keep = nms(shifted, cand_scores, cfg.iou_threshold)
     else:
         keep = _per_label_nms(shifted, cand_scores, labels, cfg.iou_threshold)

@@ -57,9 +57,29 @@ def _annotate(path: Path, det, out_dir: Path, stem: str, font: Optional[Path]) -
     draw_detections(image, det, font=font).save(out_dir / f"{stem}.jpg", quality=92)
 
 
-def _report_skipped(skipped: list[dict], json_out: Optional[str]) -> None:
+def _run_and_annotate(paths: list[Path], call: Callable, desc: str, quiet: bool, output_dir: Optional[Path],
+                      font: Optional[Path], skipped: list[dict]) -> Iterator:
+    """Run ``call`` over the images, record unreadable ones in ``skipped`` and draw the rest into
+    ``output_dir``; yields (image index, path, detections, output stem) per readable image."""
+    if output_dir is not None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    stems = _unique_names(paths)
+    for i, (path, det) in enumerate(_run_images(paths, call, desc, quiet)):
+        if det.error:
+            skipped.append({"path": str(path), "reason": det.error})
+            continue
+        if output_dir is not None:
+            _annotate(path, det, output_dir, stems[path], font)
+        yield i, path, det, stems[path]
+
+
+def _summary(what: str, per_image: list[dict], skipped: list[dict], json_out: Optional[str],
+             output_dir: Optional[Path]) -> None:
     for s in skipped:
         info(f"skipped {s['path']}: {s['reason']}", json_out)
+    total = sum(len(r["boxes"]) for r in per_image)
+    info(f"{total} {what} in {len(per_image)} images ({len(skipped)} skipped)"
+         + (f"; results in {output_dir}" if output_dir else ""), json_out)
 
 
 @app.command()
@@ -92,33 +112,22 @@ def detect(
             json_out = "-"
         model = WeDetect.from_pretrained(checkpoint, tokenizer=tokenizer, size=size, device=device, dtype=dtype)
         model.set_classes(names)
-        if output_dir is not None:
-            output_dir.mkdir(parents=True, exist_ok=True)
-        stems = _unique_names(paths)
         per_image, coco_rows, skipped = [], [], []
 
         def call(chunk):
             return model.predict(chunk, threshold=threshold, max_detections=max_detections,
                                  batch_size=batch_size, on_error="skip")
 
-        for image_id, (path, det) in enumerate(_run_images(paths, call, "detect", quiet)):
-            if det.error:
-                skipped.append({"path": str(path), "reason": det.error})
-                continue
+        for image_id, path, det, _ in _run_and_annotate(paths, call, "detect", quiet, output_dir, font, skipped):
             rows = det.to_coco(image_id)
             for row, name in zip(rows, det.names):
                 row.update(file_name=str(path), category_name=name)
             coco_rows.extend(rows)
             per_image.append(det.to_dict())
-            if output_dir is not None:
-                _annotate(path, det, output_dir, stems[path], font)
         if output_dir is not None:
             emit_json(coco_rows, str(output_dir / "detections.json"))
         emit_json({"classes": names, "images": per_image, "skipped": skipped}, json_out)
-        _report_skipped(skipped, json_out)
-        total = sum(len(r["boxes"]) for r in per_image)
-        info(f"{total} detections in {len(per_image)} images ({len(skipped)} skipped)"
-             + (f"; results in {output_dir}" if output_dir else ""), json_out)
+        _summary("detections", per_image, skipped, json_out, output_dir)
 
 
 @app.command()
@@ -149,31 +158,20 @@ def propose(
         if output_dir is None and json_out is None:
             json_out = "-"
         uni = WeDetectUni.from_pretrained(uni_checkpoint, size=size, device=device, dtype=dtype)
-        if output_dir is not None:
-            output_dir.mkdir(parents=True, exist_ok=True)
-        stems = _unique_names(paths)
         per_image, skipped = [], []
 
         def call(chunk):
             return uni.propose(chunk, num_proposals=num_proposals, score_threshold=threshold,
                                batch_size=batch_size, on_error="skip")
 
-        for path, det in _run_images(paths, call, "propose", quiet):
-            if det.error:
-                skipped.append({"path": str(path), "reason": det.error})
-                continue
+        for _, path, det, stem in _run_and_annotate(paths, call, "propose", quiet, output_dir, font, skipped):
             per_image.append({**det.to_dict(), "levels": det.levels.tolist()})
-            if output_dir is not None:
-                _annotate(path, det, output_dir, stems[path], font)
-                if save_embeddings:
-                    np.savez(output_dir / f"{stems[path]}.npz", boxes=det.boxes.numpy(), scores=det.scores.numpy(),
-                             embeddings=det.embeddings.numpy(), levels=det.levels.numpy(),
-                             logit_scale=det.logit_scale.numpy(), logit_bias=det.logit_bias.numpy())
+            if output_dir is not None and save_embeddings:
+                np.savez(output_dir / f"{stem}.npz", boxes=det.boxes.numpy(), scores=det.scores.numpy(),
+                         embeddings=det.embeddings.numpy(), levels=det.levels.numpy(),
+                         logit_scale=det.logit_scale.numpy(), logit_bias=det.logit_bias.numpy())
         emit_json({"images": per_image, "skipped": skipped}, json_out)
-        _report_skipped(skipped, json_out)
-        total = sum(len(r["boxes"]) for r in per_image)
-        info(f"{total} proposals in {len(per_image)} images ({len(skipped)} skipped)"
-             + (f"; results in {output_dir}" if output_dir else ""), json_out)
+        _summary("proposals", per_image, skipped, json_out, output_dir)
 
 
 def _mount_subcommands() -> None:

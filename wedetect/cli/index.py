@@ -118,7 +118,7 @@ def add(
         store = open_store(index, backend=backend)
         built = None
         wants_ann = ann if ann is not None else store.count_proposals() >= ANN_MIN_PROPOSALS
-        if wants_ann and not getattr(store, "has_ann_index", lambda: False)():
+        if wants_ann and not store.has_ann_index():
             built = store.build_ann_index()
         payload = report.to_dict() | {"ann_index": built}
         emit_json(payload, json_out)

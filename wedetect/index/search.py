@@ -188,7 +188,7 @@ class ObjectIndex:
             "embed_dim": self.store.meta.embed_dim,
             "vector_dim": self.store.meta.vector_dim,
             "model": self.store.meta.model,
-            "ann_index": bool(getattr(self.store, "has_ann_index", lambda: False)()),
+            "ann_index": bool(self.store.has_ann_index()),
         }
 
     def build_ann_index(self, **params) -> dict:
@@ -249,7 +249,7 @@ class ObjectIndex:
         ANN search over-fetches and doubles until k distinct images are found.
         """
         bound = max(1, (top_k - 1) * self.store.max_proposals_per_image() + 1)
-        use_exact = exact or (exact is None and not getattr(self.store, "has_ann_index", lambda: False)())
+        use_exact = exact or (exact is None and not self.store.has_ann_index())
         if use_exact:
             return self.store.search(q, bound, exact=True)
         out = []

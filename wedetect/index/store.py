@@ -81,13 +81,6 @@ def probability(logits: np.ndarray | torch.Tensor) -> np.ndarray:
     return torch.sigmoid(torch.as_tensor(logits, dtype=torch.float32)).numpy()
 
 
-def score_to_logit(score: float) -> float:
-    """Logit whose float32 sigmoid is ``score`` (for pushing a min-score filter into a search)."""
-    if not 0.0 < score < 1.0:
-        raise WeDetectError(f"--min-score must be in (0, 1), got {score}")
-    return math.log(score / (1.0 - score))
-
-
 def image_id_for(path: str, content_hash: str) -> int:
     """Deterministic 63-bit id of (path, content): a re-run after a crash writes the same ids."""
     digest = hashlib.sha256(f"{path}\0{content_hash}".encode()).digest()
@@ -269,6 +262,10 @@ class VectorStore(ABC):
     @abstractmethod
     def search(self, queries: np.ndarray, limit: int, *, exact: bool | None = None, **ann) -> list[RawHits]:
         """Top-``limit`` proposals by inner product per query row of ``queries`` (Q, vector_dim)."""
+
+    def has_ann_index(self) -> bool:
+        """Whether searches go through an approximate index (else they are exact)."""
+        return False
 
     def build_ann_index(self, **params) -> dict:
         """Build an approximate index for large collections; returns what was built."""
