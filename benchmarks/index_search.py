@@ -112,6 +112,12 @@ def fill(store: LanceDBStore, syn: Synthetic, rows: int, chunk_rows: int) -> flo
     return time.perf_counter() - t0
 
 
+def stage(result: dict, **values) -> None:
+    """Record results and echo them at once (a long run shows its partial numbers)."""
+    result.update(values)
+    print("  " + json.dumps(values), file=sys.stderr, flush=True)
+
+
 def keys(hits) -> set[tuple[int, int]]:
     return set(zip(hits.proposals.image_id.tolist(), hits.proposals.rank.tolist()))
 
@@ -173,11 +179,13 @@ def main() -> None:
     ap.add_argument("--index-type", default="IVF_RQ", help="LanceDB index type (IVF_PQ, IVF_RQ, IVF_HNSW_SQ...)")
     ap.add_argument("--partitions", type=int, default=None)
     ap.add_argument("--sub-vectors", type=int, default=None)
-    ap.add_argument("--nprobes", type=int, default=32)
-    ap.add_argument("--refine-factor", type=int, default=10)
+    ap.add_argument("--nprobes", default="32", help="comma-separated values to sweep")
+    ap.add_argument("--refine-factor", default="10", help="comma-separated values to sweep")
     ap.add_argument("--exact-runs", type=int, default=1, help="single-query brute-force passes timed")
     ap.add_argument("--pipeline-images", type=int, default=64, help="images for the indexing-throughput run (0: skip)")
-    ap.add_argument("--reuse", action="store_true", help="reuse an existing table of the same size")
+    ap.add_argument(
+        "--reuse", action="store_true", help="reuse the rows, exact results and ANN index of a previous run"
+    )
     args = ap.parse_args()
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -197,43 +205,60 @@ def main() -> None:
         meta = IndexMeta(EMBED_DIM, vector_dim_for(EMBED_DIM), MODEL, vector_dtype=args.vector_dtype)
         store = LanceDBStore(str(loc), meta=meta)
         secs = fill(store, syn, args.rows, 200_000)
-        result["write_rows_per_s"] = round(args.rows / secs)
+        stage(result, write_rows_per_s=round(args.rows / secs))
     store = LanceDBStore(str(loc))
     result["disk_gb"] = round(sum(f.stat().st_size for f in loc.rglob("*") if f.is_file()) / 1e9, 2)
     q = query_vectors(torch.from_numpy(syn.queries(args.queries)), store.meta.vector_dim)
 
     # Brute force: all queries in one streamed pass (ground truth), and single-query passes (latency).
-    t0 = time.perf_counter()
-    truth = exact_search(store.iter_proposals(262_144), q, args.k)
-    result["exact_batch_s_per_query"] = round((time.perf_counter() - t0) / args.queries, 4)
-    singles = []
-    for i in range(args.exact_runs):
+    # Both are kept in the work folder, so --reuse runs only sweep the ANN settings.
+    truth_file = workdir / f"exact_q{args.queries}_k{args.k}.json"
+    if args.reuse and truth_file.exists():
+        saved = json.loads(truth_file.read_text())
+        truth = [set(map(tuple, t)) for t in saved.pop("truth")]
+        result.update(saved)
+    else:
         t0 = time.perf_counter()
-        exact_search(store.iter_proposals(262_144), q[i : i + 1], args.k)
-        singles.append(time.perf_counter() - t0)
-    result["exact_single_query_s"] = round(float(np.median(singles)), 4)
+        exact = exact_search(store.iter_proposals(262_144), q, args.k)
+        stage(result, exact_batch_s_per_query=round((time.perf_counter() - t0) / args.queries, 4))
+        singles = []
+        for i in range(args.exact_runs):
+            t0 = time.perf_counter()
+            exact_search(store.iter_proposals(262_144), q[i : i + 1], args.k)
+            singles.append(time.perf_counter() - t0)
+        stage(result, exact_single_query_s=round(float(np.median(singles)), 4))
+        truth = [keys(h) for h in exact]
+        timings = {k: result[k] for k in ("exact_batch_s_per_query", "exact_single_query_s")}
+        truth_file.write_text(json.dumps({"truth": [sorted(t) for t in truth], **timings}))
 
-    t0 = time.perf_counter()  # (re)built every run: --reuse keeps the rows, not the index
-    result["index"] = store.build_ann_index(
-        index_type=args.index_type, num_partitions=args.partitions, num_sub_vectors=args.sub_vectors
-    )
-    result["index_build_s"] = round(time.perf_counter() - t0, 1)
-    result["search"] = {"nprobes": args.nprobes, "refine_factor": args.refine_factor}
-
-    store.search(q[:3], args.k, exact=False, nprobes=args.nprobes, refine_factor=args.refine_factor)  # warm up
-    lat, recall = [], []
-    for i in range(args.queries):
+    if not (args.reuse and store.has_ann_index()):
         t0 = time.perf_counter()
-        (hits,) = store.search(
-            q[i : i + 1], args.k, exact=False, nprobes=args.nprobes, refine_factor=args.refine_factor
+        result["index"] = store.build_ann_index(
+            index_type=args.index_type, num_partitions=args.partitions, num_sub_vectors=args.sub_vectors
         )
-        lat.append(time.perf_counter() - t0)
-        recall.append(len(keys(hits) & keys(truth[i])) / args.k)
-    result["ann_p50_ms"] = round(float(np.percentile(lat, 50)) * 1e3, 2)
-    result["ann_p95_ms"] = round(float(np.percentile(lat, 95)) * 1e3, 2)
-    result[f"recall@{args.k}"] = round(float(np.mean(recall)), 4)
-    result[f"min_recall@{args.k}"] = round(float(np.min(recall)), 4)
-    result["speedup_vs_exact_single_query"] = round(result["exact_single_query_s"] * 1e3 / result["ann_p50_ms"], 1)
+        stage(result, index_build_s=round(time.perf_counter() - t0, 1))
+
+    result["search"] = []
+    for nprobes in map(int, args.nprobes.split(",")):
+        for refine in map(int, args.refine_factor.split(",")):
+            opts = {"nprobes": nprobes, "refine_factor": refine}
+            store.search(q[:3], args.k, exact=False, **opts)  # warm up
+            lat, recall = [], []
+            for i in range(args.queries):
+                t0 = time.perf_counter()
+                (hits,) = store.search(q[i : i + 1], args.k, exact=False, **opts)
+                lat.append(time.perf_counter() - t0)
+                recall.append(len(keys(hits) & truth[i]) / args.k)
+            p50 = float(np.percentile(lat, 50)) * 1e3
+            row = opts | {
+                "p50_ms": round(p50, 2),
+                "p95_ms": round(float(np.percentile(lat, 95)) * 1e3, 2),
+                f"recall@{args.k}": round(float(np.mean(recall)), 4),
+                f"min_recall@{args.k}": round(float(np.min(recall)), 4),
+                "speedup_vs_exact_single_query": round(result["exact_single_query_s"] * 1e3 / p50, 1),
+            }
+            print("  " + json.dumps(row), file=sys.stderr, flush=True)
+            result["search"].append(row)
     if args.pipeline_images:
         result["indexing"] = indexing_throughput(workdir, args.pipeline_images)
     print(json.dumps(result, indent=2))

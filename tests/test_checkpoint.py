@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from paths import FIXTURES
-from wedetect import CheckpointError, WeDetect, WeDetectUni
+from wedetect import CheckpointError, WeDetect, WeDetectError, WeDetectUni
 from wedetect.checkpoint import (build_from_checkpoint, detect_kind, detect_size, load_into, official_state_dict,
                                  read_state_dict, resolve_path)
 from wedetect.config import get_config
@@ -146,3 +146,27 @@ def test_large_checkpoint_builds_loads_and_runs(official_checkpoint, demo_image,
     det = model.predict(demo_image, threshold=0.0, max_detections=300, keep_blank=True)[0]
     assert 0 < len(det) <= 300
     assert (det.boxes[:, 2] <= 1280).all() and (det.boxes[:, 3] <= 720).all() and (det.boxes >= 0).all()
+
+
+@pytest.mark.slow
+def test_closed_set_checkpoint_loads_with_its_classes(tiny_state_dict, tmp_path, demo_image):
+    """Closed-set training writes vision keys + a fixed (K, 768) classifier `embeddings` (mmengine dict)."""
+    sd = {k: v for k, v in tiny_state_dict.items() if not k.startswith("backbone.text_model.")}
+    sd["embeddings"] = torch.nn.functional.normalize(torch.randn(2, 768, generator=torch.Generator().manual_seed(1)), dim=-1)
+    path = tmp_path / "closed.pth"
+    torch.save({"state_dict": sd, "meta": {"dataset_meta": {"classes": ["shoe", "bed"]}}}, path)
+    model = WeDetect.from_pretrained(path)
+    assert model.class_names == ["shoe", "bed"] and model.model.text_tower is None
+    det = model.predict(demo_image, threshold=0.0, max_detections=300)[0]
+    assert len(det) > 0 and set(det.names) <= {"shoe", "bed"}
+    with pytest.raises(WeDetectError, match="closed-set"):
+        model.set_classes(["x"])
+    with pytest.raises(CheckpointError, match="closed-set WeDetect checkpoint"):
+        WeDetectUni.from_pretrained(path)
+    renamed = WeDetect.from_pretrained(path, class_names=["鞋", "床"])
+    assert renamed.predict(demo_image, threshold=0.0)[0].names[0] in {"鞋", "床"}
+    # Our own safetensors file keeps the kind (a flat file would otherwise read as Uni).
+    model.save(tmp_path / "closed.safetensors")
+    again = WeDetect.from_pretrained(tmp_path / "closed.safetensors", class_names=["shoe", "bed"])
+    out = again.predict(demo_image, threshold=0.0, max_detections=300)[0]
+    assert torch.equal(out.boxes, det.boxes) and torch.equal(out.scores, det.scores)

@@ -43,9 +43,10 @@ class OfficialCheckpoint:
     """A checkpoint read from disk: official-layout keys, its kind and size."""
 
     state_dict: dict[str, torch.Tensor]
-    kind: str  # "detector" or "uni"
+    kind: str  # "detector", "uni" or "closed_set"
     size: str
     path: str
+    meta: dict
 
 
 def to_ours(key: str) -> str:
@@ -83,16 +84,27 @@ def resolve_path(spec: str | os.PathLike) -> Path:
         ) from e
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a .pth (mmengine dict or flat) or .safetensors file, official key names."""
+@dataclass
+class RawCheckpoint:
+    """What a checkpoint file holds: tensors under official names, the mmengine ``meta`` (if any)
+    and whether the tensors were wrapped in an mmengine dict (``state_dict``) or stored flat."""
+
+    state_dict: dict[str, torch.Tensor]
+    meta: dict
+    wrapped: bool
+
+
+def read_checkpoint(path: str | os.PathLike) -> RawCheckpoint:
+    """Read a .pth (mmengine dict or flat) or .safetensors file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} is not a file")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
         try:
-            return load_file(str(path))
+            with safe_open(str(path), framework="pt") as f:
+                return RawCheckpoint({k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {}), False)
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
     try:
@@ -109,22 +121,33 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             "(set WEDETECT_SAFE_LOAD=1 to refuse such files)",
             stacklevel=2,
         )
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    wrapped = isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict)
+    meta = obj.get("meta") if wrapped and isinstance(obj.get("meta"), dict) else {}
+    sd = obj["state_dict"] if wrapped else obj
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: expected a state dict of tensors (or an mmengine dict with 'state_dict')")
     # Checkpoints saved from a DDP-wrapped model carry a 'module.' prefix.
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    return RawCheckpoint(sd, meta, wrapped)
 
 
-def detect_kind(state_dict: dict[str, torch.Tensor]) -> str:
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file, official key names."""
+    return read_checkpoint(path).state_dict
+
+
+def detect_kind(state_dict: dict[str, torch.Tensor], wrapped: bool = False, meta: dict | None = None) -> str:
+    """``detector`` (text tower), ``uni`` (flat file with objectness ``embeddings``) or ``closed_set``
+    (``embeddings`` as a fixed classifier, in an mmengine dict as training writes it)."""
     has_text = any(k.startswith("backbone.text_model.") for k in state_dict)
-    if "embeddings" in state_dict and not has_text:
-        return "uni"
     if has_text:
         return "detector"
+    if "embeddings" in state_dict:
+        marked = (meta or {}).get("wedetect_kind")
+        return marked if marked in ("uni", "closed_set") else ("closed_set" if wrapped else "uni")
     if _STEM_KEY in state_dict:
-        return "vision"
+        raise CheckpointError("checkpoint has the image tower but neither a text tower nor class/objectness "
+                              "'embeddings': it cannot score anything")
     raise CheckpointError("not a WeDetect checkpoint: no ConvNeXt stem key " + _STEM_KEY)
 
 
@@ -138,21 +161,22 @@ def detect_size(state_dict: dict[str, torch.Tensor]) -> str:
     raise CheckpointError(f"unknown ConvNeXt stem width {stem.shape[0]} (tiny 96, base 128, large 192)")
 
 
-def load_official(spec: str | os.PathLike, expected_kind: str) -> OfficialCheckpoint:
-    """Read a checkpoint and check that it is a ``detector`` or ``uni`` file as expected."""
+def load_official(spec: str | os.PathLike, expected_kind: str | tuple[str, ...]) -> OfficialCheckpoint:
+    """Read a checkpoint and check that its kind (``detector``, ``uni``, ``closed_set``) is expected."""
     path = resolve_path(spec)
-    sd = read_state_dict(path)
-    kind = detect_kind(sd)
-    if kind != expected_kind:
+    raw = read_checkpoint(path)
+    kind = detect_kind(raw.state_dict, raw.wrapped, raw.meta)
+    expected = (expected_kind,) if isinstance(expected_kind, str) else expected_kind
+    if kind not in expected:
         hints = {
-            ("uni", "detector"): "this is a WeDetect-Uni checkpoint (it has no text tower): pass it as --uni-checkpoint",
-            ("detector", "uni"): "this is a WeDetect detector checkpoint: pass it as --checkpoint; "
+            "uni": "this is a WeDetect-Uni checkpoint (objectness prompts, no text tower): pass it as --uni-checkpoint",
+            "detector": "this is a WeDetect detector checkpoint: pass it as --checkpoint; "
             "WeDetect-Uni needs a *_uni checkpoint with objectness 'embeddings'",
+            "closed_set": "this is a closed-set WeDetect checkpoint (fixed classes, no text tower): "
+            "pass it as --checkpoint",
         }
-        raise CheckpointError(
-            f"{path}: " + hints.get((kind, expected_kind), f"a {kind} checkpoint, expected a {expected_kind} one")
-        )
-    return OfficialCheckpoint(sd, kind, detect_size(sd), str(path))
+        raise CheckpointError(f"{path}: " + hints[kind])
+    return OfficialCheckpoint(raw.state_dict, kind, detect_size(raw.state_dict), str(path), raw.meta)
 
 
 def _no_init():
@@ -198,13 +222,18 @@ def load_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], stric
 
 def build_from_checkpoint(ckpt: OfficialCheckpoint, size: str | None = None, strict: bool = True):
     """Build the network a checkpoint describes and fill it. ``size`` overrides shape detection."""
-    from .models.detector import WeDetectModel, WeDetectUniModel
+    from .models.detector import WeDetectClosedSetModel, WeDetectModel, WeDetectUniModel
 
     if size is not None and size != ckpt.size:
         raise CheckpointError(f"{ckpt.path}: a {ckpt.size} checkpoint, but size={size!r} was requested")
     config: ModelConfig = get_config(ckpt.size)
     with _no_init():
-        model = WeDetectUniModel(config) if ckpt.kind == "uni" else WeDetectModel(config)
+        if ckpt.kind == "uni":
+            model = WeDetectUniModel(config)
+        elif ckpt.kind == "closed_set":
+            model = WeDetectClosedSetModel(config, num_classes=ckpt.state_dict["embeddings"].shape[0])
+        else:
+            model = WeDetectModel(config)
     model.unused_official_state = load_into(model, ckpt.state_dict, strict=strict)
     return model.eval()
 
@@ -226,7 +255,8 @@ def save_official(model: torch.nn.Module, path: str | os.PathLike, meta: dict | 
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        save_file(sd, str(path), metadata={"format": "pt"})
+        kind = "uni" if isinstance(model, WeDetectUniModel) else "closed_set" if "embeddings" in sd else "detector"
+        save_file(sd, str(path), metadata={"format": "pt", "wedetect_kind": kind})
     elif isinstance(model, WeDetectUniModel):
         torch.save(sd, path)
     else:

@@ -14,7 +14,7 @@ from .config import ModelConfig
 from .data.io import ImageInput, ImageReadError, image_name, load_bgr, load_pil_rgb
 from .data.letterbox import letterbox_detector, letterbox_uni, to_tensor
 from .errors import WeDetectError
-from .models.detector import WeDetectModel, WeDetectUniModel
+from .models.detector import WeDetectClosedSetModel, WeDetectModel, WeDetectUniModel
 from .models.head import flatten_levels
 from .postprocess import PostprocessConfig, detector_postprocess, detector_postprocess_fast, uni_postprocess
 from .structures import Detections, LetterboxMeta
@@ -143,17 +143,29 @@ class WeDetect(_Runner):
         dtype: str | torch.dtype = "float32",
         strict: bool = True,
         mode: str = "fast",
+        class_names: Sequence[str] | None = None,
     ) -> "WeDetect":
         """Load an official (or our) detector checkpoint; ``tokenizer`` is a path, hub name or tokenizer.
 
         ``mode="reference"`` runs post-processing literally in the official order; ``"fast"`` (default)
         uses exact shortcuts (see ``postprocess.detector_postprocess_fast``).
+        A closed-set checkpoint (fixed classifier, no text tower) is ready to predict at once; its class
+        names come from ``class_names``, else the checkpoint's ``meta.dataset_meta.classes``.
         """
         from .models.text import load_tokenizer
 
-        model = build_from_checkpoint(load_official(checkpoint, "detector"), size=size, strict=strict)
+        ckpt = load_official(checkpoint, ("detector", "closed_set"))
+        model = build_from_checkpoint(ckpt, size=size, strict=strict)
         tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
-        return cls(model, tok, device=device, dtype=dtype, mode=mode)
+        out = cls(model, tok, device=device, dtype=dtype, mode=mode)
+        if isinstance(model, WeDetectClosedSetModel):
+            rows = model.prompts.shape[0]
+            names = list(class_names or ckpt.meta.get("dataset_meta", {}).get("classes", [])
+                         or [f"class_{i}" for i in range(rows)])
+            if len(names) != rows:
+                raise WeDetectError(f"{len(names)} class names for a closed-set checkpoint with {rows} classes")
+            out._set(model.prompts.detach().float().to(out.device), names, rows)
+        return out
 
     @property
     def config(self) -> ModelConfig:
@@ -200,7 +212,9 @@ class WeDetect(_Runner):
 
     def set_classes(self, names: Sequence[str], blank: bool = True) -> None:
         """Use these class names as prompts (the official blank ``' '`` prompt is appended unless ``blank=False``)."""
-        names = [n for n in names]
+        if self.model.text_tower is None:
+            raise WeDetectError("this is a closed-set model: its classes are fixed by the checkpoint")
+        names = list(names)
         if not names:
             raise WeDetectError("no class names given")
         if any(not isinstance(n, str) or not n.strip() for n in names):

@@ -1,7 +1,7 @@
 """Training commands: ``train``, ``finetune``, ``class-embeddings`` and ``data synth``.
 
 Multi-GPU (or multi-process CPU) runs use torchrun, e.g.
-``torchrun --nproc_per_node 8 -m wedetect.cli train wedetect_base_coco_full_tuning ...``.
+``torchrun --nproc_per_node 8 --no-python wedetect train wedetect_base_coco_full_tuning ...``.
 """
 from __future__ import annotations
 

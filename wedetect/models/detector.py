@@ -80,3 +80,17 @@ class WeDetectUniModel(WeDetectModel):
         logits = [c.score(e, prompts) for e, c in zip(embeds, self.head.cls_contrasts)]
         reg_raw = [reg(x) for x, reg in zip(feats, self.head.reg_preds)]
         return embeds, logits, reg_raw
+
+
+class WeDetectClosedSetModel(WeDetectModel):
+    """Closed-set WeDetect: no text tower; a learned (K, 768) classifier (official key ``embeddings``),
+    initialised from class embeddings and L2-normalised row-wise by the head on every forward."""
+
+    def __init__(self, config: ModelConfig, num_classes: int = 80, class_embeddings: torch.Tensor | None = None) -> None:
+        super().__init__(config, with_text=False)
+        init = torch.zeros(num_classes, config.embed_dim) if class_embeddings is None else class_embeddings
+        self.prompts = nn.Parameter(init.detach().clone().float())
+
+    def classifier(self, batch_size: int) -> torch.Tensor:
+        """The classifier rows as the (B, K, 768) "text" input of the head."""
+        return self.prompts.expand(batch_size, -1, -1)

@@ -33,7 +33,7 @@ from wedetect.checkpoint import (
     to_official,
 )
 from wedetect.errors import WeDetectError
-from wedetect.models.detector import WeDetectModel
+from wedetect.models.detector import WeDetectClosedSetModel, WeDetectModel
 from wedetect.train.config import TrainConfig
 from wedetect.train.dataset import (
     CocoData,
@@ -59,21 +59,6 @@ class DivergedError(TrainingError):
 # models
 
 
-class ClosedSetDetector(WeDetectModel):
-    """Closed-set finetuning model (official ``SimpleYOLOWorldDetector``): no text tower.
-
-    The classifier is one learnable (K, 768) matrix (official key ``embeddings``), initialised
-    from class embeddings and L2-normalised row-wise by the head on every forward.
-    """
-
-    def __init__(self, config, class_embeddings: torch.Tensor) -> None:
-        super().__init__(config, with_text=False)
-        self.prompts = nn.Parameter(class_embeddings.detach().clone().float())
-
-    def classifier(self, batch_size: int) -> torch.Tensor:
-        return self.prompts.expand(batch_size, -1, -1)
-
-
 class TrainStep(nn.Module):
     """What DDP wraps: images (+ prompt tokens) -> per-level class logits and raw box logits."""
 
@@ -84,7 +69,7 @@ class TrainStep(nn.Module):
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         b = images.shape[0]
-        if isinstance(self.model, ClosedSetDetector):
+        if isinstance(self.model, WeDetectClosedSetModel):
             text = self.model.classifier(b)
         else:
             text = self.model.encode_text(input_ids, attention_mask).reshape(b, -1, self.model.config.embed_dim)
@@ -100,7 +85,7 @@ def build_model(cfg: TrainConfig, class_embeddings: np.ndarray | None = None) ->
         if class_embeddings is None:
             raise TrainingError("closed-set training needs class embeddings (class_embeddings: FILE.npy); "
                                 "write them with `wedetect class-embeddings`")
-        model = ClosedSetDetector(config, torch.from_numpy(np.asarray(class_embeddings, dtype=np.float32)))
+        model = WeDetectClosedSetModel(config, class_embeddings=torch.from_numpy(np.asarray(class_embeddings, dtype=np.float32)))
     if cfg.checkpoint:
         state = read_state_dict(cfg.checkpoint)
         if not cfg.open_vocab:
@@ -332,7 +317,7 @@ class Trainer:
     def _broadcast_int(self, value: int) -> int:
         if self.dist.world_size == 1:
             return value
-        t = torch.tensor([value], dtype=torch.int64)
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)  # NCCL needs a CUDA tensor
         dist.broadcast(t, 0)
         return int(t.item())
 
@@ -669,7 +654,7 @@ def predict_coco(model: WeDetectModel, data: CocoData, device: torch.device, tok
     from wedetect.postprocess import detector_postprocess
     from wedetect.train.dataset import load_bgr
 
-    if isinstance(model, ClosedSetDetector):
+    if isinstance(model, WeDetectClosedSetModel):
         text = model.prompts[None]
     else:
         names = [n[0] for n in data.class_names]
