@@ -8,8 +8,8 @@ import typer
 from tqdm.auto import tqdm
 
 from ..errors import WeDetectError
-from .common import (DEMO_IMAGE, BatchSize, Checkpoint, Classes, ClassesFile, Device, Dtype, ImagesOrDemo, JsonOut,
-                     OutputDir, Size, Tokenizer, UniCheckpoint, emit_json, info, user_errors)
+from .common import (DEMO_IMAGE, BatchSize, Checkpoint, Classes, ClassesFile, Device, Dtype, Font, ImagesOrDemo,
+                     JsonOut, OutputDir, Quiet, Size, Tokenizer, UniCheckpoint, emit_json, info, user_errors)
 
 app = typer.Typer(
     name="wedetect",
@@ -93,12 +93,12 @@ def detect(
     max_detections: int = typer.Option(100, "--max-detections", min=1, help="At most this many per image (official --topk)."),
     output_dir: OutputDir = None,
     json_out: JsonOut = None,
-    font: Optional[Path] = typer.Option(None, "--font", help="TrueType/OpenType font for labels (default: a system CJK font)."),
+    font: Font = None,
     size: Size = None,
     device: Device = "auto",
     dtype: Dtype = "float32",
     batch_size: BatchSize = 8,
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: Quiet = False,
 ) -> None:
     """Detect the given classes in images; writes annotated images and COCO-format results."""
     from .. import WeDetect
@@ -140,12 +140,12 @@ def propose(
     json_out: JsonOut = None,
     save_embeddings: bool = typer.Option(True, "--save-embeddings/--no-save-embeddings",
                                          help="With --output-dir: write each image's proposals and embeddings to NAME.npz."),
-    font: Optional[Path] = typer.Option(None, "--font", help="Font for labels."),
+    font: Font = None,
     size: Size = None,
     device: Device = "auto",
     dtype: Dtype = "float32",
     batch_size: BatchSize = 8,
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: Quiet = False,
 ) -> None:
     """Class-agnostic WeDetect-Uni proposals with their embeddings."""
     import numpy as np

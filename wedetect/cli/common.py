@@ -27,6 +27,8 @@ Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1 or auto
 Dtype = Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16.")]
 Size = Annotated[Optional[str], typer.Option("--size", help="tiny, base or large (default: detected from the checkpoint).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+Font = Annotated[Optional[Path], typer.Option("--font", help="Font file for labels (default: a system CJK font, or $WEDETECT_FONT).")]
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -25,6 +25,7 @@ from .common import (
     Dtype,
     JsonOut,
     OutputDir,
+    Quiet,
     Size,
     Tokenizer,
     UniCheckpoint,
@@ -43,7 +44,6 @@ ImageRoot = Annotated[
     typer.Option("--images", help="Image root folder (file_name, or the coco_url path of LVIS files, below it)."),
 ]
 Resume = Annotated[bool, typer.Option(help="Reuse the results cached in <output-dir>/cache by an interrupted run.")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 TEXT_CHUNK = 80  # the official retrieval script embeds class names 80 at a time
 
 

@@ -9,7 +9,7 @@ import typer
 from tqdm.auto import tqdm
 
 from ..errors import WeDetectError
-from .common import Device, Dtype, JsonOut, OutputDir, emit_json, info, user_errors
+from .common import Device, Dtype, Font, JsonOut, OutputDir, Quiet, emit_json, info, user_errors
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -42,13 +42,13 @@ def ref(
         None, "--threshold", help="Keep every box scoring above this (default: only the best box)."),
     output_dir: OutputDir = None,
     json_out: JsonOut = None,
-    font: Optional[Path] = typer.Option(None, "--font", help="Font for labels (default: a system CJK font)."),
+    font: Font = None,
     device: Device = "auto",
     dtype: Dtype = "float32",
     attn: Optional[str] = typer.Option(
         None, "--attn", help="sdpa, eager or flash_attention_2 (default: flash-attention when installed on CUDA, "
                              "else sdpa)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: Quiet = False,
 ) -> None:
     """Referring-expression detection: score each image's proposals against each query; writes annotated
     images (OUTPUT_DIR/NAME.jpg) and OUTPUT_DIR/ref_results.json."""
@@ -133,7 +133,7 @@ def ref_finetune(
     seed: int = typer.Option(0, "--seed"),
     device: Device = "auto",
     dtype: Dtype = "float32",
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: Quiet = False,
 ) -> None:
     """Fine-tune the WeDetect-Ref head and object embedder on your referring-expression data
     (focal loss against soft IoU targets over the proposals, as the official stage 3)."""

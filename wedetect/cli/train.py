@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from .common import ClassesFile, Device, Tokenizer, fail, info, user_errors
+from .common import ClassesFile, Device, Quiet, Tokenizer, fail, info, user_errors
 
 app = typer.Typer(help="Finetune WeDetect.", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False)
@@ -73,7 +73,7 @@ def train(
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed (default: random, logged).")] = None,
     resume: Resume = False,
     resume_from: ResumeFrom = None,
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    quiet: Quiet = False,
 ) -> None:
     """Train from a YAML config (see wedetect/train/configs), with --set overrides."""
     from ..train.config import load_config
@@ -109,7 +109,7 @@ def finetune(
     seed: Annotated[int | None, typer.Option("--seed")] = None,
     resume: Resume = False,
     resume_from: ResumeFrom = None,
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    quiet: Quiet = False,
 ) -> None:
     """Finetune a pretrained detector on a COCO-format dataset (the official recipe by default)."""
     from ..train.config import load_config
@@ -174,7 +174,7 @@ def synth_cmd(
     min_objects: Annotated[int, typer.Option("--min-objects", min=0)] = 1,
     max_objects: Annotated[int, typer.Option("--max-objects", min=0)] = 4,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    quiet: Quiet = False,
 ) -> None:
     """Render a synthetic open-vocabulary detection dataset (COCO format, Chinese class names)."""
     from ..data.synth import SynthConfig, make_dataset
