@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from train_helpers import write_char_tokenizer
+from tokenizer_utils import make_tiny_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -16,7 +16,7 @@ def synth_data(tmp_path_factory) -> dict:
     cfg = SynthConfig(num_train=48, num_val=16, image_size=160, seed=3)
     paths = make_dataset(cfg, root, progress=False)
     names = [n for syn in class_names(cfg) for n in syn]
-    paths["tokenizer"] = write_char_tokenizer(root / "tokenizer.json", names)
+    paths["tokenizer"] = make_tiny_tokenizer(root / "tokenizer.json", names)
     paths["root"] = root
     paths["names"] = json.loads(paths["classes"].read_text(encoding="utf-8"))
     return paths

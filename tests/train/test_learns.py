@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from train_helpers import write_char_tokenizer
+from tokenizer_utils import make_tiny_tokenizer
 
 from wedetect.checkpoint import official_state_dict
 from wedetect.data.synth import SynthConfig, class_names, make_dataset
@@ -36,7 +36,7 @@ def test_small_model_learns_synthetic_detection(tmp_path: Path) -> None:
         synth = SynthConfig(num_train=320, num_val=48, image_size=IMAGE_SIZE, min_object_size=IMAGE_SIZE // 6,
                             max_object_size=IMAGE_SIZE // 2, max_objects=3, seed=11)
         paths = make_dataset(synth, tmp_path / "data", progress=False)
-        tokenizer = write_char_tokenizer(tmp_path / "tokenizer.json", [n for c in class_names(synth) for n in c])
+        tokenizer = make_tiny_tokenizer(tmp_path / "tokenizer.json", [n for c in class_names(synth) for n in c])
         data = {
             "data.train_ann": str(paths["train"]), "data.train_images": str(tmp_path / "data" / "train"),
             "data.val_ann": str(paths["val"]), "data.val_images": str(tmp_path / "data" / "val"),

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from wedetect.data.io import load_bgr
 from wedetect.errors import WeDetectError
 from wedetect.train import transforms as T
 
@@ -226,13 +227,6 @@ class PipelineConfig:
     num_neg_samples: tuple[int, int] = (80, 80)
     max_num_samples: int = 80
     padding_value: str = ""
-
-
-def load_bgr(path: Path) -> np.ndarray:
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise DatasetError(f"cannot read image {path} (missing or not decodable)")
-    return image
 
 
 class TrainDataset(Dataset):

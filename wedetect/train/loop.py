@@ -652,7 +652,7 @@ def predict_coco(model: WeDetectModel, data: CocoData, device: torch.device, tok
     """COCO result rows for every validation image: official letterbox, all classes as prompts."""
     from wedetect.data.letterbox import letterbox_detector, to_tensor
     from wedetect.postprocess import detector_postprocess
-    from wedetect.train.dataset import load_bgr
+    from wedetect.data.io import load_bgr
 
     if isinstance(model, WeDetectClosedSetModel):
         text = model.prompts[None]
