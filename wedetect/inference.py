@@ -78,7 +78,7 @@ class _Runner:
         pending: list[tuple[int, np.ndarray, LetterboxMeta]] = []
 
         def flush() -> None:
-            batch = to_tensor([p[1] for p in pending]).to(self.device, self.dtype)
+            batch = to_tensor([p[1] for p in pending], self.device).to(self.dtype)
             for (i, _, _), det in zip(pending, process(batch, [p[2] for p in pending])):
                 det.path = image_name(items[i], i)
                 results[i] = det

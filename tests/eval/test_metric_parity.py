@@ -60,7 +60,6 @@ def test_coco_ap_matches_oracle(folder: Path, case: dict) -> None:
 @pytest.mark.parity
 @pytest.mark.parametrize(("folder", "case"), DETECTION, ids=DETECTION_IDS)
 def test_faster_coco_eval_equals_pycocotools(folder: Path, case: dict) -> None:
-    pytest.importorskip("pycocotools")
     dataset = CocoDataset.load(folder / case["inputs"]["annotations"])
     detections = folder / case["inputs"]["detections"]
     fast = evaluate_coco(dataset, detections, backend="faster-coco-eval")

@@ -70,7 +70,6 @@ def test_ann_rescored_exactly_and_high_recall(tmp_path):
 
 
 def test_milvus_ivf_index_probing_every_list_equals_exact(tmp_path):
-    pytest.importorskip("milvus_lite")
     loc = tmp_path / "idx.db"
     store = open_store(loc, meta=IndexMeta(768, vector_dim_for(768), MODEL))
     _add(store, 0, 30, seed=4, clusters=slice(0, 16))

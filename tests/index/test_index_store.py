@@ -20,8 +20,6 @@ SMALL = ExtractionSettings(commit_every=4, workers=2)
 @pytest.fixture(params=["lancedb", "milvus"])
 def loc(request, tmp_path):
     """Index location per backend: a LanceDB directory or a Milvus Lite file."""
-    if request.param == "milvus":
-        pytest.importorskip("milvus_lite")
     return tmp_path / ("idx" if request.param == "lancedb" else "idx.db")
 
 

@@ -102,7 +102,8 @@ def add(
             retry_failed=retry_failed,
         )
         model = checkpoint_identity(uni_checkpoint, settings, size)
-        proposer = _load_uni(uni_checkpoint, size, _device(device), dtype)
+        dev = _device(device)
+        proposer = _load_uni(uni_checkpoint, size, dev, dtype)
         report = build_index(
             index,
             images,
@@ -115,7 +116,7 @@ def add(
         )
         if int(os.environ.get("RANK", "0")) != 0:
             return
-        store = open_store(index, backend=backend)
+        store = open_store(index, backend=backend, device=dev)
         built = None
         wants_ann = ann if ann is not None else store.count_proposals() >= ANN_MIN_PROPOSALS
         if wants_ann and not store.has_ann_index():

@@ -276,6 +276,8 @@ class LanceDBStore(VectorStore):
         params: dict = {"num_partitions": num_partitions or max(1, min(n // 8192, 8192))}
         if index_type == "IVF_PQ":
             params["num_sub_vectors"] = num_sub_vectors or self.meta.vector_dim // 16  # 16-d sub-vectors
+        if str(self.device).startswith("cuda"):
+            params["accelerator"] = "cuda"  # k-means training on the GPU
         config = getattr(lance_index, configs[index_type])(distance_type="dot", max_iterations=20, **params)
         self._proposals.create_index("vector", config=config, replace=True)
         return {"index_type": index_type, "rows": n, **params}
