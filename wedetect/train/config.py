@@ -80,7 +80,7 @@ class DataSpec(_Strict):
 
 
 class AugmentSpec(_Strict):
-    """Official augmentation settings (see ``wedetect.train.dataset.PipelineConfig``)."""
+    """Augmentation settings; the defaults are the official recipe's."""
 
     mosaic: bool = True
     mixup_prob: float = 0.15

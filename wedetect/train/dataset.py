@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from wedetect.data.io import load_bgr
 from wedetect.errors import WeDetectError
 from wedetect.train import transforms as T
+from wedetect.train.config import AugmentSpec
 
 
 class DatasetError(WeDetectError):
@@ -211,21 +212,11 @@ def _annotation_problem(ann: dict, width: int, height: int, label_of: dict) -> s
     return None
 
 
-@dataclass(frozen=True)
-class PipelineConfig:
-    """Augmentation settings of the official recipe (image size, probabilities, prompt sampling)."""
+class PipelineConfig(AugmentSpec):
+    """The augmentation settings (defaults: the official recipe) plus the input size and the prompt
+    used to pad each image's sampled vocabulary."""
 
     image_size: int = 640
-    mosaic: bool = True
-    mixup_prob: float = 0.15
-    scaling_ratio_range: tuple[float, float] = (0.5, 1.5)
-    max_translate_ratio: float = 0.1
-    min_area_ratio: float = 0.1
-    hsv_gains: tuple[float, float, float] = (0.015, 0.7, 0.4)
-    flip_prob: float = 0.5
-    noise_prob: float = 0.01
-    num_neg_samples: tuple[int, int] = (80, 80)
-    max_num_samples: int = 80
     padding_value: str = ""
 
 

@@ -348,12 +348,8 @@ class Trainer:
                 if data is not None:
                     log.info(data.report.summary())
         a = self.cfg.augment
-        self.train_set = TrainDataset(train, PipelineConfig(
-            image_size=d.image_size, mosaic=a.mosaic, mixup_prob=a.mixup_prob,
-            scaling_ratio_range=a.scaling_ratio_range, max_translate_ratio=a.max_translate_ratio,
-            min_area_ratio=a.min_area_ratio, hsv_gains=a.hsv_gains, flip_prob=a.flip_prob,
-            noise_prob=a.noise_prob, num_neg_samples=a.num_neg_samples, max_num_samples=a.max_num_samples,
-        ), open_vocab=self.cfg.open_vocab, seed=self.seed)
+        self.train_set = TrainDataset(train, PipelineConfig(image_size=d.image_size, **a.model_dump()),
+                                      open_vocab=self.cfg.open_vocab, seed=self.seed)
         return train, val
 
     def _iters_per_epoch(self) -> int:
