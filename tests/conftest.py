@@ -44,3 +44,12 @@ def demo_image() -> Path:
 @pytest.fixture(scope="session")
 def shapes_image() -> Path:
     return FIXTURES / "shapes_300x200.png"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_milvus_lite_servers():
+    """Stop Milvus Lite servers while pytest's streams are open (its exit hook logs to closed ones)."""
+    yield
+    manager = sys.modules.get("milvus_lite.server_manager")
+    if manager is not None:
+        manager.server_manager_instance.release_all()
