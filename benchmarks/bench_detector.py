@@ -16,6 +16,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -90,6 +91,21 @@ def _calibrate(model: WeDetect) -> None:
         contrast.bias.fill_(-6.0 - dots.mean().item() * 2.0 / dots.std().item())
 
 
+def _stages(model, kind: str, images: list[np.ndarray], batch: torch.Tensor, args) -> list[tuple]:
+    """(stage, mode, callable) triples timed for one configuration."""
+    bs = len(images)
+    stages = [("net", "-", lambda: model.forward_raw(batch))]
+    if kind == "uni":
+        return stages + [("e2e", "-", lambda: model.propose(images, batch_size=bs))]
+
+    def e2e(mode: str) -> None:
+        model.mode = mode
+        model.predict(images, threshold=args.threshold, max_detections=300, batch_size=bs)
+
+    # reference = the official order of operations; fast = exact shortcuts
+    return stages + [("e2e", mode, functools.partial(e2e, mode)) for mode in args.modes]
+
+
 def run(args) -> list[dict]:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     rng = np.random.default_rng(0)
@@ -104,15 +120,7 @@ def run(args) -> list[dict]:
                 for bs in args.batches:
                     images = [rng.integers(0, 255, (720, 1280, 3), dtype=np.uint8) for _ in range(bs)]
                     batch = to_tensor([letterbox_detector(im[:, :, ::-1], s)[0] for im in images]).to(device)
-                    stages = [("net", "-", lambda: model.forward_raw(batch))]
-                    if kind == "uni":
-                        stages.append(("e2e", "-", lambda: model.propose(images, batch_size=bs)))
-                    else:
-                        for mode in args.modes:  # reference = the official order; fast = exact shortcuts
-                            def e2e(mode=mode):
-                                model.mode = mode
-                                model.predict(images, threshold=args.threshold, max_detections=300, batch_size=bs)
-                            stages.append(("e2e", mode, e2e))
+                    stages = _stages(model, kind, images, batch, args)
                     base = None
                     for stage, mode, fn in stages:
                         med = statistics.median(_time(fn, device, args.warmup, args.iters))
@@ -126,7 +134,6 @@ def run(args) -> list[dict]:
                             row["tflops"] = round(GFLOP[size] * bs / med / 1e3, 2)
                         rows.append(row)
                         print(json.dumps(row), flush=True)
-                del model
     return rows
 
 

@@ -27,12 +27,12 @@ _EXPORTS = {
 
 __all__ = ["WeDetectError", *_EXPORTS]
 
-if TYPE_CHECKING:
-    from .checkpoint import CheckpointError, load_official, save_official
-    from .config import MODEL_SIZES, ModelConfig, get_config
-    from .inference import WeDetect, WeDetectUni
-    from .ref import WeDetectRef
-    from .structures import Detections, LetterboxMeta
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily below
+    from .checkpoint import CheckpointError, load_official, save_official  # noqa: F401
+    from .config import MODEL_SIZES, ModelConfig, get_config  # noqa: F401
+    from .inference import WeDetect, WeDetectUni  # noqa: F401
+    from .ref import WeDetectRef  # noqa: F401
+    from .structures import Detections, LetterboxMeta  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

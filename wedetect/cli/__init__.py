@@ -164,7 +164,7 @@ def propose(
             return uni.propose(chunk, num_proposals=num_proposals, score_threshold=threshold,
                                batch_size=batch_size, on_error="skip")
 
-        for _, path, det, stem in _run_and_annotate(paths, call, "propose", quiet, output_dir, font, skipped):
+        for _, _, det, stem in _run_and_annotate(paths, call, "propose", quiet, output_dir, font, skipped):
             per_image.append({**det.to_dict(), "levels": det.levels.tolist()})
             if output_dir is not None and save_embeddings:
                 np.savez(output_dir / f"{stem}.npz", boxes=det.boxes.numpy(), scores=det.scores.numpy(),

@@ -199,7 +199,7 @@ class WeDetectRefQwen3VLModel(Qwen3VLModel):
             embeds = out.pooler_output[i]
             deepstack = [level[i] for level in out.deepstack_features]
 
-            def as_map(x: Tensor) -> Tensor:
+            def as_map(x: Tensor, h_m: int = h_m, w_m: int = w_m) -> Tensor:
                 return x.reshape(h_m, w_m, -1).permute(2, 0, 1).unsqueeze(0)
 
             stride32 = as_map(embeds)

@@ -32,12 +32,12 @@ class _Strict(BaseModel):
 class TextSpec(_Strict):
     """Text tower shape (XLM-R fields); only needed for custom (non-official) sizes."""
 
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    vocab_size: int = 250002
-    max_position_embeddings: int = 514
+    hidden_size: int = TextConfig.hidden_size
+    num_hidden_layers: int = TextConfig.num_hidden_layers
+    num_attention_heads: int = TextConfig.num_attention_heads
+    intermediate_size: int = TextConfig.intermediate_size
+    vocab_size: int = TextConfig.vocab_size
+    max_position_embeddings: int = TextConfig.max_position_embeddings
 
 
 class ModelSpec(_Strict):
