@@ -72,3 +72,13 @@ def test_propose_json_to_stdout_and_npz(official_checkpoint, tmp_path, demo_imag
     saved = np.load(out / "demo.npz")
     assert saved["embeddings"].shape == (50, 768) and saved["levels"].max() <= 2
     np.testing.assert_allclose(saved["boxes"], np.array(report["images"][0]["boxes"], dtype=np.float32), rtol=1e-6)
+
+
+def test_module_entry_point_lists_every_command():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "wedetect", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for command in ("detect", "propose", "index", "eval", "ref", "train", "finetune", "class-embeddings", "data"):
+        assert f" {command} " in out.stdout, command
