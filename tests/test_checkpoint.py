@@ -43,6 +43,11 @@ def test_not_a_wedetect_checkpoint(tmp_path):
         read_state_dict(bad)
     with pytest.raises(CheckpointError, match="not found"):
         WeDetect.from_pretrained(tmp_path / "missing.pth")
+    ref_folder = tmp_path / "wedetect_ref_2b"
+    ref_folder.mkdir()
+    (ref_folder / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="--ref-checkpoint"):
+        WeDetect.from_pretrained(ref_folder)
 
 
 def test_hub_spec_offline_says_what_to_download(monkeypatch):

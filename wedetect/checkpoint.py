@@ -97,6 +97,9 @@ class RawCheckpoint:
 def read_checkpoint(path: str | os.PathLike) -> RawCheckpoint:
     """Read a .pth (mmengine dict or flat) or .safetensors file."""
     path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        raise CheckpointError(f"{path} is a Hugging Face model folder (a WeDetect-Ref checkpoint?): "
+                              "pass it to `wedetect ref --ref-checkpoint`")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} is not a file")
     if path.suffix == ".safetensors":

@@ -48,6 +48,9 @@ class SynthConfig:
     colors: tuple[str, ...] = ("red", "green", "blue")
     shapes: tuple[str, ...] = ("circle", "square", "triangle")
     seed: int = 0
+    # (colour, shape) pairs drawn in the train split (None: all); val always draws every class, so
+    # held-out compositions measure open-vocabulary generalisation. Categories always list all classes.
+    train_pairs: tuple[tuple[str, str], ...] | None = None
 
     def __post_init__(self) -> None:
         unknown = [c for c in self.colors if c not in COLORS] + [s for s in self.shapes if s not in SHAPES]
@@ -57,6 +60,10 @@ class SynthConfig:
             raise ValueError("need 0 < min_object_size <= max_object_size < image_size")
         if not (0 <= self.min_objects <= self.max_objects):
             raise ValueError("need 0 <= min_objects <= max_objects")
+        if self.train_pairs is not None:
+            bad = [tuple(p) for p in self.train_pairs if tuple(p) not in class_list(self)]
+            if bad or not self.train_pairs:
+                raise ValueError(f"train_pairs must be a non-empty subset of the (colour, shape) classes; bad: {bad}")
 
 
 def class_list(cfg: SynthConfig) -> list[tuple[str, str]]:
@@ -106,8 +113,10 @@ def _background(size: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def render_image(cfg: SynthConfig, rng: np.random.Generator) -> tuple[np.ndarray, list[dict]]:
-    """One BGR image and its objects (``label``, ``polygon`` (P, 2), ``bbox`` xyxy)."""
+def render_image(cfg: SynthConfig, rng: np.random.Generator,
+                 allowed: list[int] | None = None) -> tuple[np.ndarray, list[dict]]:
+    """One BGR image and its objects (``label``, ``polygon`` (P, 2), ``bbox`` xyxy); labels are drawn
+    from ``allowed`` (class indices) when given, else from every class."""
     classes = class_list(cfg)
     image = _background(cfg.image_size, rng)
     objects: list[dict] = []
@@ -117,7 +126,7 @@ def render_image(cfg: SynthConfig, rng: np.random.Generator) -> tuple[np.ndarray
             break
         size = rng.uniform(cfg.min_object_size, cfg.max_object_size)
         cx, cy = rng.uniform(size / 2 + 1, cfg.image_size - size / 2 - 1, size=2)
-        label = int(rng.integers(len(classes)))
+        label = int(rng.integers(len(classes))) if allowed is None else allowed[int(rng.integers(len(allowed)))]
         poly = _shape_polygon(classes[label][1], cx, cy, size, rng.uniform(0, 2 * math.pi))
         box = np.concatenate([poly.min(0), poly.max(0)])
         if any(_iou(box, o["bbox"]) > 0.1 for o in objects):
@@ -144,9 +153,12 @@ def write_split(cfg: SynthConfig, out_dir: Path, split: str, count: int, rng: np
     image_dir.mkdir(parents=True, exist_ok=True)
     names = class_names(cfg)
     categories = [{"id": k + 1, "name": names[k][0], "supercategory": "shape"} for k in range(len(names))]
+    allowed = None
+    if split == "train" and cfg.train_pairs is not None:
+        allowed = [k for k, pair in enumerate(class_list(cfg)) if pair in {tuple(p) for p in cfg.train_pairs}]
     images, annotations = [], []
     for i in tqdm(range(count), desc=f"synth {split}", disable=not progress):
-        image, objects = render_image(cfg, rng)
+        image, objects = render_image(cfg, rng, allowed)
         file_name = f"{i:06d}.png"
         cv2.imwrite(str(image_dir / file_name), image)
         images.append({"id": i + 1, "file_name": file_name, "width": cfg.image_size, "height": cfg.image_size})
