@@ -136,7 +136,7 @@ def test_collect_images_dir_glob_list(tmp_path):
 
 
 def test_class_names(tmp_path):
-    assert parse_classes("鞋, 床，狗") == ["鞋", "床", "狗"]
+    assert parse_classes("鞋, 床，狗") == ["鞋", "床，狗"]  # ASCII commas only, as the official demo
     with pytest.raises(WeDetectError):
         parse_classes("鞋,,床")
     official = tmp_path / "names.json"

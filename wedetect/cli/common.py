@@ -16,7 +16,7 @@ from ..errors import WeDetectError
 Checkpoint = Annotated[str, typer.Option("--checkpoint", help="WeDetect detector checkpoint (.pth/.safetensors, or ORG/REPO/FILE on the HF hub).")]
 UniCheckpoint = Annotated[str, typer.Option("--uni-checkpoint", help="WeDetect-Uni checkpoint (.pth/.safetensors).")]
 Tokenizer = Annotated[Optional[str], typer.Option("--tokenizer", help="XLM-R tokenizer: tokenizer.json, its folder, a sentencepiece .model, or a hub name (default: $WEDETECT_TOKENIZER).")]
-Classes = Annotated[Optional[str], typer.Option("--classes", help="Comma-separated class names, e.g. '鞋,床'.")]
+Classes = Annotated[Optional[str], typer.Option("--classes", help="Class names separated by ASCII commas, e.g. '鞋,床'.")]
 ClassesFile = Annotated[Optional[Path], typer.Option("--classes-file", help="Class file: official JSON list of name lists, or one name per line.")]
 Images = Annotated[str, typer.Option("--images", help="An image file, a folder, a glob, or a .txt list of paths.")]
 DEMO_IMAGE = str(Path(__file__).resolve().parent.parent / "assets" / "demo.jpeg")

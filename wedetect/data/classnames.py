@@ -14,8 +14,9 @@ from ..errors import WeDetectError
 
 
 def parse_classes(text: str) -> list[str]:
-    """Split ``--classes`` on ASCII or full-width commas; names are stripped, empties rejected."""
-    names = [n.strip() for n in text.replace("，", ",").split(",")]
+    """Split ``--classes`` on ASCII commas (as the official demo; a full-width '，' is part of a name),
+    strip each name and reject empty ones."""
+    names = [n.strip() for n in text.split(",")]
     if not text.strip() or any(not n for n in names):
         raise WeDetectError(f"--classes {text!r}: give comma-separated, non-empty class names")
     return names
