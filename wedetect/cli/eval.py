@@ -97,6 +97,30 @@ def _write(out: Path, stem: str, payload: dict, table: str) -> None:
     (out / f"{stem}.txt").write_text(table + "\n", encoding="utf-8")
 
 
+def _propose_over_dataset(data, images: Path, uni_checkpoint: str, what: str, fields: tuple, num_proposals: int,
+                          size: Optional[str], device: str, dtype: str, output_dir: Path, resume: bool,
+                          batch_size: int, quiet: bool):
+    """Run WeDetect-Uni over the dataset's images (sharded under torchrun, resumable from
+    ``<output-dir>/cache``); returns (records, this rank's device), records None off rank 0."""
+    from wedetect.eval.dataset import resolve_image_paths
+    from wedetect.eval.runner import ResultCache, run_over_images
+
+    paths = resolve_image_paths(data, images)
+    ctx, rank_device = _start(device)
+    uni = _load_uni(uni_checkpoint, size, rank_device, dtype)
+
+    def infer(batch: list[Path]):
+        return uni.propose(batch, num_proposals=num_proposals, score_threshold=0.0, batch_size=len(batch))
+
+    fingerprint = _fingerprint(what, uni_checkpoint, num_proposals=num_proposals, size=size, dtype=dtype)
+    records = run_over_images(
+        infer, list(paths.items()), fields, batch_size=batch_size,
+        cache=ResultCache(output_dir / "cache", fingerprint, ctx.rank) if resume else None,
+        ctx=ctx, progress=not quiet,
+    )  # fmt: skip
+    return records, rank_device
+
+
 @app.command()
 def detection(
     dataset: Dataset,
@@ -195,9 +219,9 @@ def recall(
     json_out: JsonOut = None,
 ) -> None:
     """Proposal recall of WeDetect-Uni (recall at IoU 0.50:0.95 and AR for the top 100 / 300), as official."""
-    from wedetect.eval.dataset import CocoDataset, resolve_image_paths
+    from wedetect.eval.dataset import CocoDataset
     from wedetect.eval.recall import load_proposals, proposal_recall, save_proposals
-    from wedetect.eval.runner import ResultCache, records_to_proposals, run_over_images
+    from wedetect.eval.runner import records_to_proposals
 
     with user_errors():
         if mode not in ("coco", "lvis", "paco"):
@@ -210,18 +234,9 @@ def recall(
             boxes = load_proposals(proposals)
         else:
             _require(uni_checkpoint=uni_checkpoint, images=images)
-            paths = resolve_image_paths(data, images)
-            ctx, rank_device = _start(device)
-            uni = _load_uni(uni_checkpoint, size, rank_device, dtype)
-
-            def infer(batch: list[Path]):
-                return uni.propose(batch, num_proposals=num_proposals, score_threshold=0.0, batch_size=len(batch))
-
-            fingerprint = _fingerprint("proposals", uni_checkpoint, num_proposals=num_proposals, size=size, dtype=dtype)
-            records = run_over_images(
-                infer, list(paths.items()), ("boxes", "scores"), batch_size=batch_size,
-                cache=ResultCache(output_dir / "cache", fingerprint, ctx.rank) if resume else None,
-                ctx=ctx, progress=not quiet,
+            records, _ = _propose_over_dataset(
+                data, images, uni_checkpoint, "proposals", ("boxes", "scores"), num_proposals, size, device, dtype,
+                output_dir, resume, batch_size, quiet,
             )  # fmt: skip
             if records is None:
                 return
@@ -274,9 +289,9 @@ def retrieval(
     """
     import torch
 
-    from wedetect.eval.dataset import CocoDataset, resolve_image_paths
+    from wedetect.eval.dataset import CocoDataset
     from wedetect.eval.retrieval import evaluate_object_retrieval, load_embeddings, save_embeddings
-    from wedetect.eval.runner import PROPOSAL_FIELDS, ResultCache, records_to_embeddings, run_over_images
+    from wedetect.eval.runner import PROPOSAL_FIELDS, records_to_embeddings
 
     with user_errors():
         if mode not in ("coco", "lvis"):
@@ -291,19 +306,9 @@ def retrieval(
             rank_device = device  # only the text tower runs here
         else:
             _require(uni_checkpoint=uni_checkpoint, images=images)
-            paths = resolve_image_paths(data, images)
-            ctx, rank_device = _start(device)
-            uni = _load_uni(uni_checkpoint, size, rank_device, dtype)
-
-            def infer(batch: list[Path]):
-                return uni.propose(batch, num_proposals=num_proposals, score_threshold=0.0, batch_size=len(batch))
-
-            settings = dict(num_proposals=num_proposals, size=size, dtype=dtype)
-            fingerprint = _fingerprint("embeddings", uni_checkpoint, **settings)
-            records = run_over_images(
-                infer, list(paths.items()), PROPOSAL_FIELDS, batch_size=batch_size,
-                cache=ResultCache(output_dir / "cache", fingerprint, ctx.rank) if resume else None,
-                ctx=ctx, progress=not quiet,
+            records, rank_device = _propose_over_dataset(
+                data, images, uni_checkpoint, "embeddings", PROPOSAL_FIELDS, num_proposals, size, device, dtype,
+                output_dir, resume, batch_size, quiet,
             )  # fmt: skip
             if records is None:
                 return
