@@ -45,6 +45,7 @@ ImageRoot = Annotated[
 ]
 Resume = Annotated[bool, typer.Option(help="Reuse the results cached in <output-dir>/cache by an interrupted run.")]
 TEXT_CHUNK = 80  # the official retrieval script embeds class names 80 at a time
+RETRIEVAL_CLASSES = {"coco": "retrieval_coco_zh", "lvis": "retrieval_lvis_zh"}  # built-in lists, per --mode
 
 
 # Model loaders: seams that tests replace with fakes returning known results.
@@ -70,11 +71,18 @@ def _start(device: str):
     return ctx, rank_device(resolved, ctx)
 
 
-def _class_names(path: Path) -> list[str]:
-    """First string of each entry of a class file (what the official evaluation prompts with)."""
+def _class_names(path: Path | str) -> list[str]:
+    """First string of each entry of a class file or built-in list (what the official evaluation prompts with)."""
     from wedetect.data.classnames import load_class_names
 
     return [entry[0] for entry in load_class_names(path)]
+
+
+def _retrieval_class_names(classes_file: Optional[Path], mode: str) -> tuple[list[str], str]:
+    """Retrieval text rows and where they came from: --classes-file, else the Chinese list hard-coded
+    in the official retrieval script for --mode (which differs from lvis_zh at 34 LVIS classes)."""
+    source = str(classes_file) if classes_file is not None else RETRIEVAL_CLASSES[mode]
+    return _class_names(source), source
 
 
 def _digest(values: list) -> str:
@@ -258,7 +266,12 @@ def retrieval(
     checkpoint: Checkpoint = None,
     tokenizer: Tokenizer = None,
     images: ImageRoot = None,
-    classes_file: ClassesFile = None,
+    classes_file: Optional[Path] = typer.Option(
+        None,
+        "--classes-file",
+        help="Class file or built-in list (see docs/class_names.md). Default: the official script's "
+        "Chinese names, retrieval_coco_zh for --mode coco, retrieval_lvis_zh for --mode lvis.",
+    ),
     mode: str = typer.Option("coco", help="Relevance rules: coco (every annotation) or lvis (area > 0)."),
     threshold: float = typer.Option(
         0.3, help="Retrieve an image when its best score is above this (official default 0.3; README 0.2)."
@@ -284,8 +297,9 @@ def retrieval(
 ) -> None:
     """Object retrieval: per-class and macro precision / recall / F1 of the retrieved image sets.
 
-    Text row k (class k of --classes-file, embedded by the --checkpoint detector's text tower) is
-    matched to the k-th category of the annotation file.
+    Text row k (class k of --classes-file, by default the official script's Chinese list for
+    --mode, embedded by the --checkpoint detector's text tower) is matched to the k-th category of
+    the annotation file.
     """
     import torch
 
@@ -314,9 +328,9 @@ def retrieval(
                 return
             image_embeddings = records_to_embeddings(records)
         if checkpoint is not None or text is None:
-            _require(checkpoint=checkpoint, classes_file=classes_file)
-            names = _class_names(classes_file)
-            data.check_class_count(len(names), f"class file {classes_file}")
+            _require(checkpoint=checkpoint)
+            names, source = _retrieval_class_names(classes_file, mode)
+            data.check_class_count(len(names), f"class file {source}")
             encoder = _load_detector(checkpoint, tokenizer, None, rank_device, "float32")
             chunks = [encoder.encode_text(names[i : i + TEXT_CHUNK]) for i in range(0, len(names), TEXT_CHUNK)]
             text = torch.nn.functional.normalize(torch.cat(chunks).float().cpu(), dim=-1)

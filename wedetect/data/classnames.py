@@ -3,6 +3,10 @@
 A class file is either the official format (a JSON list with one entry per class, each a list of
 names: the name first, then synonyms; a plain string entry is accepted too) or a text file with one
 class per line. Only the first name of an entry is used as the prompt, as in official evaluation.
+
+Wherever a class file is accepted, a built-in name (``coco_zh``, ``lvis``, ...; see
+:func:`builtin_class_files`) selects one of the official lists shipped in ``wedetect/data/texts``;
+an existing file of that name always wins.
 """
 from __future__ import annotations
 
@@ -11,6 +15,35 @@ import os
 from pathlib import Path
 
 from ..errors import WeDetectError
+
+_TEXTS = Path(__file__).resolve().parent / "texts"
+# Built-in name -> shipped file. The first four are the official data/texts files (COCO / LVIS v1,
+# English / Chinese, with synonyms); the retrieval_* lists are the one-name-per-class Chinese lists
+# hard-coded in the official retrieval script (LVIS differs from lvis_zh at 34 classes).
+_BUILTIN = {
+    "coco": "coco_class_texts.json",
+    "coco_zh": "coco_zh_class_texts.json",
+    "lvis": "lvis_v1_class_texts.json",
+    "lvis_zh": "lvis_v1_zh_class_texts.json",
+    "retrieval_coco_zh": "retrieval_coco_zh.json",
+    "retrieval_lvis_zh": "retrieval_lvis_zh.json",
+}
+
+
+def builtin_class_files() -> dict[str, Path]:
+    """Built-in class-list names and the shipped files they stand for."""
+    return {name: _TEXTS / file for name, file in _BUILTIN.items()}
+
+
+def resolve_class_file(spec: str | os.PathLike) -> Path:
+    """The class file ``spec`` names: an existing file, else a built-in list of that name."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    builtin = builtin_class_files().get(os.fspath(spec))
+    if builtin is not None:
+        return builtin
+    raise WeDetectError(f"class file {path} not found (built-in class lists: {', '.join(_BUILTIN)})")
 
 
 def parse_classes(text: str) -> list[str]:
@@ -23,10 +56,8 @@ def parse_classes(text: str) -> list[str]:
 
 
 def load_class_names(path: str | os.PathLike) -> list[list[str]]:
-    """Entries of a class file, each a non-empty list of names (first = the prompt)."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeDetectError(f"class file {path} not found")
+    """Entries of a class file or built-in list, each a non-empty list of names (first = the prompt)."""
+    path = resolve_class_file(path)
     text = path.read_text(encoding="utf-8-sig")
     if path.suffix.lower() == ".json":
         try:
