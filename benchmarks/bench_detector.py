@@ -12,6 +12,8 @@ Post-processing runs every (prior, class) pair through the official order (score
 Examples:
     python benchmarks/bench_detector.py                          # CPU: tiny+base, batch 1, fp32
     python benchmarks/bench_detector.py --sizes base large --batches 1 16 --dtypes float32 float16 --device cuda
+    python benchmarks/bench_detector.py --sizes base --batches 16 --dtypes float16 --device cuda \
+        --accel none channels_last cudagraphs channels_last+cudagraphs
 """
 from __future__ import annotations
 
@@ -91,7 +93,18 @@ def _calibrate(model: WeDetect) -> None:
         contrast.bias.fill_(-6.0 - dots.mean().item() * 2.0 / dots.std().item())
 
 
-def _stages(model, kind: str, images: list[np.ndarray], batch: torch.Tensor, args) -> list[tuple]:
+# --accel variants: keyword arguments of ``accelerate`` (opt-in speed paths, timed after the plain one).
+ACCEL = {
+    "none": {},
+    "channels_last": {"channels_last": True},
+    "compile": {"compile": "default"},
+    "cudagraphs": {"compile": "reduce-overhead"},
+    "channels_last+compile": {"channels_last": True, "compile": "default"},
+    "channels_last+cudagraphs": {"channels_last": True, "compile": "reduce-overhead"},
+}
+
+
+def _stages(model, kind: str, images: list[np.ndarray], batch: torch.Tensor, args, modes) -> list[tuple]:
     """(stage, mode, callable) triples timed for one configuration."""
     bs = len(images)
     stages = [("net", "-", lambda: model.forward_raw(batch))]
@@ -103,7 +116,7 @@ def _stages(model, kind: str, images: list[np.ndarray], batch: torch.Tensor, arg
         model.predict(images, threshold=args.threshold, max_detections=300, batch_size=bs)
 
     # reference = the official order of operations; fast = exact shortcuts
-    return stages + [("e2e", mode, functools.partial(e2e, mode)) for mode in args.modes]
+    return stages + [("e2e", mode, functools.partial(e2e, mode)) for mode in modes]
 
 
 def run(args) -> list[dict]:
@@ -120,20 +133,24 @@ def run(args) -> list[dict]:
                 for bs in args.batches:
                     images = [rng.integers(0, 255, (720, 1280, 3), dtype=np.uint8) for _ in range(bs)]
                     batch = to_tensor([letterbox_detector(im[:, :, ::-1], s)[0] for im in images]).to(device)
-                    stages = _stages(model, kind, images, batch, args)
                     base = None
-                    for stage, mode, fn in stages:
-                        med = statistics.median(_time(fn, device, args.warmup, args.iters))
-                        row = dict(kind=kind, size=size, dtype=dtype, batch=bs, stage=stage, mode=mode,
-                                   latency_ms=round(med * 1e3, 2), img_per_s=round(bs / med, 2))
-                        if mode == "reference":
-                            base = med
-                        elif mode == "fast" and base is not None:
-                            row["speedup_vs_reference"] = round(base / med, 2)
-                        if size in GFLOP:
-                            row["tflops"] = round(GFLOP[size] * bs / med / 1e3, 2)
-                        rows.append(row)
-                        print(json.dumps(row), flush=True)
+                    for accel in args.accel:
+                        model.accelerate(**ACCEL[accel])
+                        # The reference mode is the baseline: timed once, on the plain path.
+                        modes = args.modes if accel == "none" else [m for m in args.modes if m != "reference"]
+                        for stage, mode, fn in _stages(model, kind, images, batch, args, modes):
+                            med = statistics.median(_time(fn, device, args.warmup, args.iters))
+                            row = dict(kind=kind, size=size, dtype=dtype, batch=bs, accel=accel, stage=stage,
+                                       mode=mode, latency_ms=round(med * 1e3, 2), img_per_s=round(bs / med, 2))
+                            if mode == "reference":
+                                base = med
+                            elif mode == "fast" and base is not None:
+                                row["speedup_vs_reference"] = round(base / med, 2)
+                            if size in GFLOP:
+                                row["tflops"] = round(GFLOP[size] * bs / med / 1e3, 2)
+                            rows.append(row)
+                            print(json.dumps(row), flush=True)
+                    model.accelerate()
     return rows
 
 
@@ -144,6 +161,8 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1])
     parser.add_argument("--dtypes", nargs="+", default=["float32"])
     parser.add_argument("--modes", nargs="+", default=["reference", "fast"], choices=["reference", "fast"])
+    parser.add_argument("--accel", nargs="+", default=["none"], choices=list(ACCEL),
+                        help="opt-in speed paths to time after the plain one (compile: the warm-up compiles)")
     parser.add_argument("--threshold", type=float, default=0.3,
                         help="predict() threshold for e2e (0.3: the demo; 0.001: evaluation)")
     parser.add_argument("--device", default="auto")
@@ -154,11 +173,11 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if args.device != "cpu" and torch.cuda.is_available() else platform.processor() or "cpu"
     print(f"# device: {device_name}; torch {torch.__version__}; threads {torch.get_num_threads()}")
     rows = run(args)
-    print("\n| kind | size | dtype | batch | stage | mode | img/s | latency ms | fast/reference |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| kind | size | dtype | batch | accel | stage | mode | img/s | latency ms | fast/reference | TFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['kind']} | {r['size']} | {r['dtype']} | {r['batch']} | {r['stage']} | {r['mode']} | "
-              f"{r['img_per_s']} | {r['latency_ms']} | {r.get('speedup_vs_reference', '')} |")
+        print(f"| {r['kind']} | {r['size']} | {r['dtype']} | {r['batch']} | {r['accel']} | {r['stage']} | {r['mode']} | "
+              f"{r['img_per_s']} | {r['latency_ms']} | {r.get('speedup_vs_reference', '')} | {r.get('tflops', '')} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device_name, "torch": torch.__version__, "rows": rows}, f, indent=1)

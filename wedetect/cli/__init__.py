@@ -8,8 +8,8 @@ import typer
 from tqdm.auto import tqdm
 
 from ..errors import WeDetectError
-from .common import (DEMO_IMAGE, BatchSize, Checkpoint, Classes, ClassesFile, Device, Dtype, Font, ImagesOrDemo,
-                     JsonOut, OutputDir, Quiet, Size, Tokenizer, UniCheckpoint, emit_json, info, user_errors)
+from .common import (DEMO_IMAGE, BatchSize, ChannelsLast, Checkpoint, Classes, ClassesFile, Compile, Device, Dtype,
+                     Font, ImagesOrDemo, JsonOut, OutputDir, Quiet, Size, Tokenizer, UniCheckpoint, emit_json, info, user_errors)
 
 app = typer.Typer(
     name="wedetect",
@@ -98,6 +98,8 @@ def detect(
     device: Device = "auto",
     dtype: Dtype = "float32",
     batch_size: BatchSize = 8,
+    compile: Compile = None,
+    channels_last: ChannelsLast = False,
     quiet: Quiet = False,
 ) -> None:
     """Detect the given classes in images; writes annotated images and COCO-format results."""
@@ -111,6 +113,7 @@ def detect(
         if output_dir is None and json_out is None:
             json_out = "-"
         model = WeDetect.from_pretrained(checkpoint, tokenizer=tokenizer, size=size, device=device, dtype=dtype)
+        model.accelerate(channels_last=channels_last, compile=compile)
         model.set_classes(names)
         per_image, coco_rows, skipped = [], [], []
 
@@ -145,6 +148,8 @@ def propose(
     device: Device = "auto",
     dtype: Dtype = "float32",
     batch_size: BatchSize = 8,
+    compile: Compile = None,
+    channels_last: ChannelsLast = False,
     quiet: Quiet = False,
 ) -> None:
     """Class-agnostic WeDetect-Uni proposals with their embeddings."""
@@ -158,6 +163,7 @@ def propose(
         if output_dir is None and json_out is None:
             json_out = "-"
         uni = WeDetectUni.from_pretrained(uni_checkpoint, size=size, device=device, dtype=dtype)
+        uni.accelerate(channels_last=channels_last, compile=compile)
         per_image, skipped = [], []
 
         def call(chunk):

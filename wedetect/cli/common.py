@@ -17,7 +17,7 @@ Checkpoint = Annotated[str, typer.Option("--checkpoint", help="WeDetect detector
 UniCheckpoint = Annotated[str, typer.Option("--uni-checkpoint", help="WeDetect-Uni checkpoint (.pth/.safetensors).")]
 Tokenizer = Annotated[Optional[str], typer.Option("--tokenizer", help="XLM-R tokenizer: tokenizer.json, its folder, a sentencepiece .model, or a hub name (default: $WEDETECT_TOKENIZER).")]
 Classes = Annotated[Optional[str], typer.Option("--classes", help="Class names separated by ASCII commas, e.g. '鞋,床'.")]
-ClassesFile = Annotated[Optional[Path], typer.Option("--classes-file", help="Class file: official JSON list of name lists, or one name per line.")]
+ClassesFile = Annotated[Optional[Path], typer.Option("--classes-file", help="Class file: official JSON list of name lists, one name per line, or a built-in list: coco, coco_zh, lvis, lvis_zh, retrieval_coco_zh, retrieval_lvis_zh.")]
 Images = Annotated[str, typer.Option("--images", help="An image file, a folder, a glob, or a .txt list of paths.")]
 DEMO_IMAGE = str(Path(__file__).resolve().parent.parent / "assets" / "demo.jpeg")
 ImagesOrDemo = Annotated[str, typer.Option("--images", help="An image file, a folder, a glob, or a .txt list of paths (default: the bundled demo image).")]
@@ -27,6 +27,8 @@ Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1 or auto
 Dtype = Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16.")]
 Size = Annotated[Optional[str], typer.Option("--size", help="tiny, base or large (default: detected from the checkpoint).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
+Compile = Annotated[Optional[str], typer.Option("--compile", help="torch.compile the network: default, reduce-overhead (CUDA graphs) or max-autotune; the first batch compiles.")]
+ChannelsLast = Annotated[bool, typer.Option("--channels-last", help="NHWC activations (faster on tensor-core GPUs).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 Font = Annotated[Optional[Path], typer.Option("--font", help="Font file for labels (default: a system CJK font, or $WEDETECT_FONT).")]
 

@@ -1,0 +1,107 @@
+"""Opt-in speed paths (``accelerate``: channels_last, torch.compile) give the default path's outputs.
+
+Run on the tiny parity fixture's weights (the official architecture with deterministic weights), its
+prompts and image, at a 320 input to keep the CPU time small.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from paths import parity_dir
+from wedetect import WeDetect, WeDetectUni
+from wedetect.cli import app
+from wedetect.data.io import load_bgr, load_pil_rgb
+from wedetect.data.letterbox import letterbox_detector, letterbox_uni, to_tensor
+from wedetect.errors import WeDetectError
+
+CASE = "detector_tiny_demo"
+INPUT = 320
+
+
+@pytest.fixture(scope="module")
+def case():
+    info = json.loads((parity_dir() / f"{CASE}.json").read_text(encoding="utf-8"))
+    return info, np.load(parity_dir() / f"{CASE}.npz")
+
+
+def _detector(official_checkpoint, case) -> WeDetect:
+    info, ref = case
+    model = WeDetect.from_pretrained(official_checkpoint(info["keys"]))
+    text = model.encode_token_ids(torch.from_numpy(ref["input_ids"]), torch.from_numpy(ref["attention_mask"]))
+    model.set_class_embeddings(text[:-1], info["prompts"][:-1], blank_embedding=text[-1])
+    return model
+
+
+def _batch(case) -> torch.Tensor:
+    info, _ = case
+    rgb, _ = letterbox_detector(load_bgr(parity_dir() / info["image"]), INPUT)
+    return to_tensor([rgb, rgb[:, ::-1].copy()])
+
+
+def _assert_same(ours, ref, atol: float) -> None:
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=atol)
+
+
+def test_channels_last_matches_default(official_checkpoint, case):
+    model = _detector(official_checkpoint, case)
+    x = _batch(case)
+    ref = model.forward_raw(x)
+    model.accelerate(channels_last=True)
+    assert model.model.image_tower.downsample_layers[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    _assert_same(model.forward_raw(x), ref, atol=1e-4)
+    # Switching back restores the default layout.
+    model.accelerate(channels_last=False)
+    assert model.model.image_tower.downsample_layers[0][0].weight.is_contiguous()
+
+
+def test_uni_channels_last_matches_default(official_checkpoint):
+    uni = WeDetectUni.from_pretrained(official_checkpoint("keys_uni_base.json"))
+    rgb, _ = letterbox_uni(load_pil_rgb(parity_dir() / "demo.jpeg"), 160)
+    x = to_tensor([rgb])
+    embeds, logits, boxes, levels = uni.forward_raw(x)
+    uni.accelerate(channels_last=True)
+    embeds2, logits2, boxes2, levels2 = uni.forward_raw(x)
+    _assert_same((embeds2, logits2, boxes2), (embeds, logits, boxes), atol=1e-4)
+    assert torch.equal(levels, levels2)
+
+
+def test_unknown_compile_mode_is_a_clear_error(official_checkpoint, case):
+    model = _detector(official_checkpoint, case)
+    with pytest.raises(WeDetectError, match="compile mode must be one of"):
+        model.accelerate(compile="fastest")
+
+
+def test_cli_rejects_unknown_compile_mode(official_checkpoint, case, tiny_tokenizer):
+    info, _ = case
+    result = CliRunner().invoke(app, ["detect", "--checkpoint", str(official_checkpoint(info["keys"])),
+                                      "--tokenizer", str(tiny_tokenizer), "--classes", "a", "--compile", "fastest",
+                                      "--device", "cpu"])
+    assert result.exit_code != 0
+    assert "compile mode must be one of" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_compiled_network_matches_default(official_checkpoint, case):
+    """torch.compile (inductor) of network + box decoding: the first call compiles, later calls reuse it."""
+    model = _detector(official_checkpoint, case)
+    x = _batch(case)
+    ref = model.forward_raw(x)
+    model.accelerate(compile="default")
+    _assert_same(model.forward_raw(x), ref, atol=1e-3)
+    # Post-processing sees the same numbers: identical detections through the public predict path.
+    info, _ = case
+    image = parity_dir() / info["image"]
+    model.accelerate()
+    plain = model.predict(image, threshold=0.0, max_detections=50)[0]
+    model.accelerate(compile="default")
+    compiled = model.predict(image, threshold=0.0, max_detections=50)[0]
+    assert torch.equal(plain.labels, compiled.labels)
+    torch.testing.assert_close(compiled.boxes, plain.boxes, rtol=0, atol=1e-2)
+    torch.testing.assert_close(compiled.scores, plain.scores, rtol=0, atol=1e-4)
