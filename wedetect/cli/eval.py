@@ -216,6 +216,11 @@ def recall(
         None, "--drop-crowd/--keep-crowd", help="Override the mode's crowd rule."
     ),
     drop_degenerate: bool = typer.Option(False, help="Also drop zero-width/height GT boxes (official: kept)."),
+    matching: str = typer.Option(
+        "greedy",
+        help="GT-proposal matching: greedy max-IoU (official) or optimal (maximum one-to-one matching per "
+        "IoU threshold, needs SciPy; never below greedy).",
+    ),
     num_proposals: int = typer.Option(300, "--num-proposals", min=1, help="Proposals per image (official: 300)."),
     output_dir: OutputDir = Path("eval_recall"),
     resume: Resume = True,
@@ -236,6 +241,8 @@ def recall(
             raise typer.BadParameter("--mode must be coco, lvis or paco")
         if compare not in ("float32", "float64"):
             raise typer.BadParameter("--compare must be float32 or float64")
+        if matching not in ("greedy", "optimal"):
+            raise typer.BadParameter("--matching must be greedy or optimal")
         data = CocoDataset.load(dataset)
         output_dir.mkdir(parents=True, exist_ok=True)
         if proposals is not None:
@@ -251,9 +258,12 @@ def recall(
             boxes = records_to_proposals(records)
             save_proposals(output_dir / "proposals.npz", boxes, {i: r["scores"].numpy() for i, r in records.items()})
         result = proposal_recall(
-            data, boxes, mode, compare=compare, drop_crowd=drop_crowd, drop_degenerate=drop_degenerate
-        )
-        payload = {"mode": mode, "compare": compare, **result.to_dict()}
+            data, boxes, mode, compare=compare, drop_crowd=drop_crowd, drop_degenerate=drop_degenerate,
+            matching=matching,
+        )  # fmt: skip
+        # The matching is recorded only when it departs from the official one (default output unchanged).
+        payload = {"mode": mode, "compare": compare, **({"matching": matching} if matching != "greedy" else {}),
+                   **result.to_dict()}  # fmt: skip
         _write(output_dir, "recall", payload, result.table())
         info(f"Evaluating {mode} ...\n{result.table()}\nresults in {output_dir}", json_out)
         emit_json(payload, json_out)
@@ -285,6 +295,12 @@ def retrieval(
         help="Saved embeddings (.npz, or the official {dataset}_{model}.pth) instead of running WeDetect-Uni.",
     ),
     skip_empty: bool = typer.Option(False, help="Let images without proposals retrieve nothing (default: error)."),
+    federated: bool = typer.Option(
+        False,
+        help="--mode lvis only: precision counts a retrieved image only where the class is verified (annotated, "
+        "or in neg_category_ids and not in not_exhaustive_category_ids); others are ignored, as the LVIS API "
+        "does (official: closed world).",
+    ),
     num_proposals: int = typer.Option(300, "--num-proposals", min=1, help="Proposals per image (official: 300)."),
     output_dir: OutputDir = Path("eval_retrieval"),
     resume: Resume = True,
@@ -304,7 +320,7 @@ def retrieval(
     import torch
 
     from wedetect.eval.dataset import CocoDataset
-    from wedetect.eval.retrieval import evaluate_object_retrieval, load_embeddings, save_embeddings
+    from wedetect.eval.retrieval import evaluate_object_retrieval, load_embeddings, save_embeddings, verified_negatives
     from wedetect.eval.runner import PROPOSAL_FIELDS, records_to_embeddings
 
     with user_errors():
@@ -312,7 +328,11 @@ def retrieval(
             raise typer.BadParameter("--mode must be coco or lvis")
         if scoring not in ("wedetect", "raw"):
             raise typer.BadParameter("--scoring must be wedetect or raw")
+        if federated and mode != "lvis":
+            raise typer.BadParameter("--federated needs --mode lvis (COCO has no federated annotations)")
         data = CocoDataset.load(dataset)
+        if federated:
+            verified_negatives(data)  # fail on a file without the LVIS image lists before running any model
         output_dir.mkdir(parents=True, exist_ok=True)
         text = None
         if embeddings is not None:
@@ -337,8 +357,9 @@ def retrieval(
         if embeddings is None:
             save_embeddings(output_dir / "embeddings.npz", image_embeddings, text)
         result, predicted = evaluate_object_retrieval(
-            data, image_embeddings, text, mode=mode, threshold=threshold, scoring=scoring, skip_empty=skip_empty
-        )
+            data, image_embeddings, text, mode=mode, threshold=threshold, scoring=scoring, skip_empty=skip_empty,
+            federated=federated,
+        )  # fmt: skip
         payload = {
             "mode": mode, "threshold": threshold, "scoring": scoring, **result.to_dict(),
             "predicted_images": {name: sorted(ids) for name, ids in predicted.items()},

@@ -12,6 +12,13 @@ truthy ``ignore``; ``lvis`` / ``paco`` drop only ``ignore`` boxes. Zero-area box
 The official comparison ``IoU >= t`` runs in float32 under NumPy 1.x and in float64 under NumPy 2
 (NEP 50); they differ only for an IoU exactly equal to float32(t) < t. ``compare="float32"``
 (default, the spec's recommendation) rounds the thresholds to float32 first.
+
+``matching="optimal"`` (not official) replaces the greedy matching: per image, budget and
+threshold t, the number of recalled GT is the size of a maximum one-to-one matching between GT
+boxes and the considered proposals with IoU >= t (a maximum bipartite matching, solved with
+SciPy's ``linear_sum_assignment``). It is never below the greedy count. The AR-by-size breakdown
+then matches each size range's GT on their own (as COCO's area ranges do), so the three sizes
+need not add up to the overall figure.
 """
 from __future__ import annotations
 
@@ -21,10 +28,12 @@ from typing import Literal, Mapping, Sequence
 
 import numpy as np
 
+from wedetect.errors import WeDetectError
 from wedetect.eval.dataset import AnnotationError, CocoDataset
 
 RecallMode = Literal["coco", "lvis", "paco"]
 Compare = Literal["float32", "float64"]
+Matching = Literal["greedy", "optimal"]
 PROPOSAL_NUMS = (100, 300)
 IOU_THRESHOLDS = tuple(np.linspace(0.5, 0.95, 10).tolist())  # 0.8999999999999999 included, as official
 # COCO object-size ranges on the annotation's area, for the (non-official) AR-by-size breakdown.
@@ -146,6 +155,27 @@ def greedy_best_iou(ious: np.ndarray) -> np.ndarray:
     return best
 
 
+def optimal_match_counts(ious: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """(T,) int64: per threshold t, the most GT rows that distinct proposal columns with IoU >= t can cover.
+
+    ``thresholds`` are float64 (see :func:`_thresholds`); the IoUs are compared in float64, as the
+    greedy path does.
+    """
+    try:
+        from scipy.optimize import linear_sum_assignment
+    except ImportError as err:  # an optional dependency: only this non-official variant needs it
+        raise WeDetectError("optimal recall matching needs SciPy: pip install 'wedetect[eval]'") from err
+    counts = np.zeros(len(thresholds), dtype=np.int64)
+    ious = np.asarray(ious).astype(np.float64)
+    for j, t in enumerate(thresholds):
+        hit = ious >= t
+        hit = hit[hit.any(axis=1)][:, hit.any(axis=0)]  # rows/columns without a candidate cannot match
+        if hit.size:
+            rows, cols = linear_sum_assignment(hit, maximize=True)
+            counts[j] = int(hit[rows, cols].sum())
+    return counts
+
+
 def _thresholds(iou_thrs: Sequence[float], compare: Compare) -> np.ndarray:
     if compare == "float32":
         return np.asarray(iou_thrs, dtype=np.float32).astype(np.float64)
@@ -162,27 +192,51 @@ def eval_recalls(
     *,
     compare: Compare = "float32",
     gt_areas: Sequence[np.ndarray] | None = None,
+    matching: Matching = "greedy",
 ) -> RecallResult:
-    """Recall over images given as parallel lists of GT boxes (n_i, 4) and ranked proposals (k_i, 4)."""
+    """Recall over images given as parallel lists of GT boxes (n_i, 4) and ranked proposals (k_i, 4).
+
+    ``matching``: ``"greedy"`` (official) or ``"optimal"`` (maximum one-to-one matching per threshold).
+    """
     if len(gt_boxes) != len(proposals):
         raise ValueError(f"{len(gt_boxes)} GT entries but {len(proposals)} proposal entries")
+    if matching not in ("greedy", "optimal"):
+        raise ValueError(f"matching must be 'greedy' or 'optimal', not {matching!r}")
+    if gt_areas is not None and len(gt_areas) != len(gt_boxes):
+        raise ValueError(f"{len(gt_boxes)} GT entries but {len(gt_areas)} area entries")
     proposal_nums = tuple(int(n) for n in proposal_nums)
     thresholds = _thresholds(iou_thrs, compare)
     budget_cap = proposal_nums[-1]  # official: only the first proposal_nums[-1] proposals are ever matched
-    best_per_budget: list[list[np.ndarray]] = [[] for _ in proposal_nums]
+    shape = (len(proposal_nums), len(thresholds))
+    # Per size range: recalled-GT counts (budgets x thresholds) and the number of GT, summed over images.
+    size_hits = {size: np.zeros(shape, dtype=np.int64) for size in SIZE_RANGES}
+    size_gt = dict.fromkeys(SIZE_RANGES, 0)
     per_image: list[np.ndarray | None] = []
-    for gt, props in zip(gt_boxes, proposals):
+    for index, (gt, props) in enumerate(zip(gt_boxes, proposals)):
         gt = np.asarray(gt, dtype=np.float32).reshape(-1, 4)
         props = np.asarray(props, dtype=np.float32).reshape(-1, 4)[:budget_cap]
         if len(gt) == 0:
             per_image.append(None)
             continue
+        masks = {}
+        if gt_areas is not None:
+            areas = np.asarray(gt_areas[index], dtype=np.float64)
+            masks = {size: (areas >= lo) & (areas < hi) for size, (lo, hi) in SIZE_RANGES.items()}
+            masks = {size: mask for size, mask in masks.items() if mask.any()}
         ious = box_iou_float32(gt, props)
-        counts = np.zeros((len(proposal_nums), len(thresholds)), dtype=np.int64)
+        counts = np.zeros(shape, dtype=np.int64)
         for b, n in enumerate(proposal_nums):
-            best = greedy_best_iou(ious[:, :n])
-            best_per_budget[b].append(best)
-            counts[b] = (best.astype(np.float64)[:, None] >= thresholds[None, :]).sum(axis=0)
+            if matching == "greedy":
+                hits = greedy_best_iou(ious[:, :n]).astype(np.float64)[:, None] >= thresholds[None, :]
+                counts[b] = hits.sum(axis=0)
+                for size, mask in masks.items():
+                    size_hits[size][b] += hits[mask].sum(axis=0)
+            else:
+                counts[b] = optimal_match_counts(ious[:, :n], thresholds)
+                for size, mask in masks.items():
+                    size_hits[size][b] += counts[b] if mask.all() else optimal_match_counts(ious[mask, :n], thresholds)
+        for size, mask in masks.items():
+            size_gt[size] += int(mask.sum())
         per_image.append(counts)
     total_gt = sum(len(np.asarray(g).reshape(-1, 4)) for g in gt_boxes)
     if total_gt == 0:
@@ -191,15 +245,10 @@ def eval_recalls(
     ar = [sum(row) / len(thresholds) for row in recalls.tolist()]  # left-to-right sum, as official
     ar_by_size: dict[str, list[float | None]] = {}
     if gt_areas is not None:
-        areas = np.concatenate([np.asarray(a, dtype=np.float64) for a, g in zip(gt_areas, gt_boxes) if len(g)])
-        for size, (lo, hi) in SIZE_RANGES.items():
-            mask = (areas >= lo) & (areas < hi)
-            ar_by_size[size] = [
-                float((np.concatenate(best)[mask].astype(np.float64)[:, None] >= thresholds).mean())
-                if mask.any()
-                else None
-                for best in best_per_budget
-            ]
+        ar_by_size = {
+            size: [float(row.sum() / (size_gt[size] * len(thresholds))) if size_gt[size] else None for row in rows]
+            for size, rows in size_hits.items()
+        }
     return RecallResult(
         proposal_nums=proposal_nums,
         iou_thrs=tuple(float(t) for t in iou_thrs),
@@ -220,8 +269,12 @@ def proposal_recall(
     compare: Compare = "float32",
     drop_crowd: bool | None = None,
     drop_degenerate: bool = False,
+    matching: Matching = "greedy",
 ) -> RecallResult:
-    """Official proposal recall of ranked proposals (image id -> (k, 4) xyxy) over every dataset image."""
+    """Official proposal recall of ranked proposals (image id -> (k, 4) xyxy) over every dataset image.
+
+    ``matching="optimal"`` swaps the official greedy matching for a maximum one-to-one matching.
+    """
     dataset = dataset if isinstance(dataset, CocoDataset) else CocoDataset.load(dataset)
     image_ids = dataset.image_ids
     unknown = set(proposals) - set(image_ids)
@@ -241,6 +294,7 @@ def proposal_recall(
         [proposals[i] for i in image_ids],
         compare=compare,
         gt_areas=[gt.areas[i] for i in image_ids],
+        matching=matching,
     )
 
 

@@ -10,6 +10,16 @@ Relevance: ``coco`` counts every annotation (crowd included); ``lvis`` keeps onl
 with 0 < area < inf (the LVIS API's filter). Both are closed-world: an unannotated class is a
 negative. Text row k is attributed to class name k (default: the annotation file's categories in
 file order, which is how the official hard-coded English lists line up with the files).
+
+``federated=True`` (not official, ``lvis`` only) scores precision the way the LVIS API treats a
+detection of class k on image I, at image level. I is *positive* for k if it has an annotation of
+k with 0 < area < inf; a retrieved positive is a true positive. Otherwise I is a *verified
+negative* if k is in its ``neg_category_ids`` and not in its ``not_exhaustive_category_ids`` (LVIS
+ignores unmatched detections of not-exhaustively annotated classes); a retrieved verified negative
+is a false positive. Every other retrieved image (k unverified) is ignored: it counts in neither TP
+nor FP, and the per-class ``ignored`` counts report how many. Recall and support are unchanged.
+Both lists are required on every image, as the LVIS API requires them; ids of categories not in
+the file are ignored, as LVIS does.
 """
 from __future__ import annotations
 
@@ -20,6 +30,7 @@ from typing import Iterable, Literal, Mapping, Sequence
 import numpy as np
 import torch
 
+from wedetect.errors import WeDetectError
 from wedetect.eval.dataset import AnnotationError, CocoDataset, first_duplicate
 
 Scoring = Literal["wedetect", "raw"]
@@ -50,13 +61,18 @@ class ClassRetrieval:
 
 @dataclass
 class RetrievalResult:
-    """Per-class rounded P/R/F1 and their macro means (official), plus unrounded macro means (extra)."""
+    """Per-class rounded P/R/F1 and their macro means (official), plus unrounded macro means (extra).
+
+    ``ignored`` is set only in federated mode: per class, the retrieved images left out of the
+    precision because the class is unverified on them.
+    """
 
     per_class: dict[str, ClassRetrieval]
     macro_precision: float
     macro_recall: float
     macro_f1: float
     unrounded_macro: dict[str, float] = field(default_factory=dict)
+    ignored: dict[str, int] | None = None
 
     def table(self) -> str:
         width = max([len("Macro Avg"), *(len(name) for name in self.per_class)]) + 2
@@ -67,6 +83,11 @@ class RetrievalResult:
         lines.append(
             f"{'Macro Avg':<{width}}{self.macro_precision:<9.4f}{self.macro_recall:<9.4f}{self.macro_f1:<9.4f}"
         )
+        if self.ignored is not None:
+            lines.append(
+                f"Federated precision: {sum(self.ignored.values())} retrieved (image, class) pairs with the "
+                "class unverified on the image were ignored"
+            )
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -76,6 +97,7 @@ class RetrievalResult:
             "macro_recall": self.macro_recall,
             "macro_f1": self.macro_f1,
             "unrounded_macro": self.unrounded_macro,
+            **({} if self.ignored is None else {"federated": True, "ignored": self.ignored}),
         }
 
 
@@ -151,15 +173,45 @@ def retrieval_ground_truth(dataset: CocoDataset, mode: RetrievalMode = "coco") -
     return relevant
 
 
+def verified_negatives(dataset: CocoDataset) -> dict[str, set[int]]:
+    """Category name -> images where LVIS counts a detection of it as a false positive when unmatched.
+
+    That is: the category is in the image's ``neg_category_ids`` and not in its
+    ``not_exhaustive_category_ids`` (images positive for the category are excluded by the caller).
+    """
+    names = {cat["id"]: cat["name"] for cat in dataset.categories}
+    negatives: dict[str, set[int]] = {}
+    for image in dataset.images:
+        lists = {}
+        for key in ("neg_category_ids", "not_exhaustive_category_ids"):
+            if not isinstance(image.get(key), list):
+                raise AnnotationError(f"federated retrieval: image {image['id']} lacks the '{key}' list")
+            lists[key] = set(image[key])
+        for cat_id in lists["neg_category_ids"] - lists["not_exhaustive_category_ids"]:
+            if cat_id in names:  # unknown ids are ignored, as the LVIS API does
+                negatives.setdefault(names[cat_id], set()).add(image["id"])
+    return negatives
+
+
 def evaluate_retrieval(
-    predicted: Mapping[str, Iterable[int]], ground_truth: Mapping[str, set[int]]
+    predicted: Mapping[str, Iterable[int]],
+    ground_truth: Mapping[str, set[int]],
+    negatives: Mapping[str, set[int]] | None = None,
 ) -> RetrievalResult:
-    """Per-class and macro P/R/F1 over the classes that have relevant images."""
+    """Per-class and macro P/R/F1 over the classes that have relevant images.
+
+    With ``negatives`` (federated mode, see :func:`verified_negatives`) a retrieved non-relevant
+    image is a false positive only if it is a verified negative of the class; others are ignored.
+    """
     per_class: dict[str, ClassRetrieval] = {}
+    ignored: dict[str, int] = {}
     unrounded = []
     for name, relevant in ground_truth.items():
         pred = set(predicted.get(name, ()))
         tp, fp, fn = len(pred & relevant), len(pred - relevant), len(relevant - pred)
+        if negatives is not None:
+            fp = len((pred - relevant) & negatives.get(name, set()))
+            ignored[name] = len(pred - relevant) - fp
         p = tp / (tp + fp) if tp + fp else 0.0
         r = tp / (tp + fn) if tp + fn else 0.0
         f1 = 2 * p * r / (p + r) if p + r else 0.0  # from the unrounded P and R, as official
@@ -170,7 +222,10 @@ def evaluate_retrieval(
     macro = [float(np.mean([getattr(c, key) for c in per_class.values()])) for key in ("precision", "recall", "f1")]
     raw = np.mean(np.asarray(unrounded), axis=0).tolist()
     return RetrievalResult(
-        per_class, *macro, unrounded_macro={"precision": raw[0], "recall": raw[1], "f1": raw[2]}
+        per_class,
+        *macro,
+        unrounded_macro={"precision": raw[0], "recall": raw[1], "f1": raw[2]},
+        ignored=None if negatives is None else ignored,
     )
 
 
@@ -184,8 +239,15 @@ def evaluate_object_retrieval(
     scoring: Scoring = "wedetect",
     class_names: Sequence[str] | None = None,
     skip_empty: bool = False,
+    federated: bool = False,
 ) -> tuple[RetrievalResult, dict[str, set[int]]]:
-    """The official retrieval benchmark: returns the metric and the retrieved image sets."""
+    """The official retrieval benchmark: returns the metric and the retrieved image sets.
+
+    ``federated`` (``lvis`` mode only, not official) ignores retrieved images on which the class is
+    unverified when computing precision (see the module docstring for the exact rules).
+    """
+    if federated and mode != "lvis":
+        raise WeDetectError("federated retrieval needs LVIS-style relevance (mode 'lvis')")
     dataset = dataset if isinstance(dataset, CocoDataset) else CocoDataset.load(dataset)
     class_names = list(class_names) if class_names is not None else dataset.category_names
     known = set(dataset.image_ids)
@@ -194,8 +256,9 @@ def evaluate_object_retrieval(
         raise AnnotationError(f"embeddings for image id(s) not in the dataset, e.g. {sorted(got - known)[:5]}")
     if known - got:
         raise AnnotationError(f"no embeddings for {len(known - got)} dataset image(s), e.g. {sorted(known - got)[:5]}")
+    negatives = verified_negatives(dataset) if federated else None
     predicted = retrieve(images, text, class_names, threshold=threshold, scoring=scoring, skip_empty=skip_empty)
-    return evaluate_retrieval(predicted, retrieval_ground_truth(dataset, mode)), predicted
+    return evaluate_retrieval(predicted, retrieval_ground_truth(dataset, mode), negatives), predicted
 
 
 def save_embeddings(

@@ -14,13 +14,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
 
 from wedetect.errors import WeDetectError
-from wedetect.index.build import AddReport, ExtractionSettings, Proposer, build_index
+from wedetect.index.build import build_index
 from wedetect.index.store import (
     ObjectHit,
     ObjectIndexError,
@@ -160,21 +160,8 @@ class ObjectIndex:
     def open(cls, location: str | os.PathLike, *, backend: str = "auto", device: str = "cpu") -> "ObjectIndex":
         return cls(open_store(location, backend=backend, device=device))
 
-    @staticmethod
-    def add(
-        location: str | os.PathLike,
-        images: str | os.PathLike | Iterable[str | os.PathLike],
-        proposer: Proposer,
-        *,
-        model: dict,
-        settings: ExtractionSettings | None = None,
-        backend: str = "auto",
-        progress: bool = True,
-    ) -> AddReport:
-        """Extract and store proposals of ``images``; see :func:`~wedetect.index.build.build_index`."""
-        return build_index(
-            location, images, proposer, model=model, settings=settings, backend=backend, progress=progress
-        )
+    # Extract and store proposals of images: the same function as ``build_index``.
+    add = staticmethod(build_index)
 
     def info(self) -> dict:
         records = self.store.images()
