@@ -105,3 +105,34 @@ def test_compiled_network_matches_default(official_checkpoint, case):
     assert torch.equal(plain.labels, compiled.labels)
     torch.testing.assert_close(compiled.boxes, plain.boxes, rtol=0, atol=1e-2)
     torch.testing.assert_close(compiled.scores, plain.scores, rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_threaded_preprocessing_keeps_order_and_errors(official_checkpoint, case, tmp_path):
+    """Images are decoded and letterboxed on worker threads; results come back in input order, an
+    unreadable image in the middle yields its error in place, and the arrays equal the serial ones."""
+    info, _ = case
+    image = load_bgr(parity_dir() / info["image"])
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    items = [image[: 200 + 17 * i, : 300 + 11 * i].copy() for i in range(9)]
+    items.insert(4, bad)
+    model = _detector(official_checkpoint, case)
+    model.preprocess_workers = 1
+    serial = list(model._prepared(items))
+    model.preprocess_workers = 3
+    threaded = list(model._prepared(items))
+    assert len(threaded) == len(items)
+    for a, b in zip(serial, threaded):
+        if isinstance(a, Exception):
+            assert type(a) is type(b) and str(a) == str(b) and "broken.jpg" in str(b)
+        else:
+            np.testing.assert_array_equal(a[0], b[0])
+            assert a[1] == b[1]
+    # Through the public path: the same detections, and the unreadable image reported in place.
+    dets = model.predict(items[3:6], threshold=0.3, batch_size=2, on_error="skip")
+    assert dets[1].error and not dets[0].error and not dets[2].error
+    model.preprocess_workers = 1
+    again = model.predict(items[3:6], threshold=0.3, batch_size=2, on_error="skip")
+    for a, b in zip(dets, again):
+        assert torch.equal(a.boxes, b.boxes) and torch.equal(a.labels, b.labels)
