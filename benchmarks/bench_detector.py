@@ -33,7 +33,7 @@ from wedetect.config import get_config
 from wedetect.data.letterbox import letterbox_detector, to_tensor
 from wedetect.models.detector import WeDetectModel, WeDetectUniModel
 
-# Backbone + neck GFLOP per image measured for the official code (research/official_bench_h100.json).
+# Backbone + neck GFLOP per image measured for the official code (benchmarks/official_bench_h100.json).
 GFLOP = {"base": 284.2, "large": 2546.0}
 
 
