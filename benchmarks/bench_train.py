@@ -5,15 +5,17 @@ One step is what ``wedetect.train.loop.Trainer`` does per batch with the officia
 flavour), the detection loss, backward, gradient clipping, the AdamW step with the official parameter
 groups, the learning-rate schedule and the EMA update. Batches are synthetic in the official layout
 (``--image-size`` RGB images, ``--boxes`` random boxes per image, ``--prompts`` prompts per image as
-``RandomLoadText`` gives on COCO: positives + sampled negatives = all 80 names, random token ids); weights are random (speed does not
-depend on the values; no checkpoint or tokenizer needed). Warm-up steps are not timed.
+``RandomLoadText`` gives on COCO: positives + sampled negatives = all 80 names, random token ids);
+weights are random (speed does not depend on the values; no checkpoint or tokenizer needed).
+Warm-up steps are not timed.
 
-Precision ``fp32`` is the official default (no AMP) and the baseline every other row is compared to;
-``bf16`` / ``fp16`` run the forward under ``torch.autocast`` (fp16 with a gradient scaler) like
-``amp: true``. Training FLOPs per image are counted with ``torch.utils.flop_counter.FlopCounterMode``
-over one forward + backward (matrix products and convolutions; the optimizer's element-wise work is
-not counted); achieved FLOP/s are divided by the device peak: ``--peak-tflops``, else a table of known
-GPUs (dense tensor-core numbers), else, on CPU, a large matmul measured in this process.
+The first precision is the baseline of the ratio column (default ``fp32``: the official default, no
+AMP; on GPUs strict fp32, ``tf32`` enables TF32 matmuls and convolutions); ``bf16`` / ``fp16`` run the
+forward under ``torch.autocast`` (fp16 with a gradient scaler) like ``amp: true``. Training FLOPs per
+image are counted with ``torch.utils.flop_counter.FlopCounterMode`` over one forward + backward
+(matrix products and convolutions; the optimizer's element-wise work is not counted); achieved
+FLOP/s are divided by the device peak: ``--peak-tflops``, else the data sheet of known GPUs (dense),
+else, on CPU, the fastest of large float32 matmuls measured in this process.
 
 Examples:
     python benchmarks/bench_train.py --device cpu --threads 1 --sizes tiny --batch 1 --precisions fp32
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -88,14 +91,17 @@ def synthetic_batch(batch: int, size: int, boxes: int, prompts: int, tokens: int
 
 
 class StepRunner:
-    """The Trainer's per-batch work on one synthetic batch, at a given precision."""
+    """The Trainer's per-batch work (``Trainer._forward_backward`` + ``_optimizer_step``, no
+    accumulation) on one synthetic batch, at an explicit precision (the Trainer's ``amp: true``
+    picks fp16 on CUDA and bf16 on CPU)."""
 
     def __init__(self, cfg: TrainConfig, precision: str, device: torch.device, batch: dict) -> None:
         self.cfg, self.device = cfg, device
         embeddings = None
         if not cfg.open_vocab:  # closed set: a classifier row per prompt instead of the text tower
-            embeddings = np.random.default_rng(0).standard_normal((batch["input_ids"].shape[0] // batch["images"].shape[0],
-                                                                   cfg.model.build_config(640).embed_dim))
+            num_prompts = batch["input_ids"].shape[0] // batch["images"].shape[0]
+            embed_dim = cfg.model.build_config(cfg.data.image_size).embed_dim
+            embeddings = np.random.default_rng(0).standard_normal((num_prompts, embed_dim))
         self.model = build_model(cfg, embeddings).to(device).train()
         self.step_module = TrainStep(self.model)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg, 1), lr=cfg.optim.lr,
@@ -143,19 +149,25 @@ def train_flops(runner: StepRunner) -> float:
     return float(counter.get_total_flops())
 
 
-def measured_peak(device: torch.device, precision: str, n: int = 2048, seconds: float = 1.0) -> float:
-    """TFLOP/s of n x n matmuls repeated for about ``seconds`` in this process (the CPU's practical peak)."""
-    dtype = AMP_DTYPES.get(precision, torch.float32)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+def measured_peak(device: torch.device, n: int = 2048, seconds: float = 2.0) -> float:
+    """TFLOP/s of the fastest of float32 n x n matmuls repeated for about ``seconds`` in this process
+    (the fastest, so that other jobs on a shared machine lower the peak as little as possible).
+
+    Used as the CPU's peak for every precision: CPUs without native half-precision arithmetic
+    compute bf16/fp16 in float32 units (a half-precision matmul is far slower, not a peak).
+    """
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
     a @ b
-    _sync(device)
-    count, t0 = 0, time.perf_counter()
-    while count == 0 or time.perf_counter() - t0 < seconds:
+    times: list[float] = []
+    start = time.perf_counter()
+    while not times or time.perf_counter() - start < seconds:
+        _sync(device)
+        t0 = time.perf_counter()
         a @ b
         _sync(device)
-        count += 1
-    return 2 * n**3 * count / (time.perf_counter() - t0) / 1e12
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / min(times) / 1e12
 
 
 def device_peak(device: torch.device, precision: str, override: float | None) -> tuple[float, str]:
@@ -167,7 +179,7 @@ def device_peak(device: torch.device, precision: str, override: float | None) ->
             if key in name:
                 return peaks[precision], f"{key} data sheet (dense)"
         raise SystemExit(f"unknown GPU {name!r}: pass --peak-tflops")
-    return measured_peak(device, precision), "matmul measured in this process"
+    return measured_peak(device), "fp32 matmul measured in this process"
 
 
 def run(args) -> list[dict]:
@@ -183,7 +195,7 @@ def run(args) -> list[dict]:
                                 torch.Generator().manual_seed(0))
         base = None
         for precision in args.precisions:
-            if device.type == "cuda":  # tf32 = fp32 storage with TF32 tensor-core matmuls and convolutions
+            if device.type == "cuda":  # fp32: strict; tf32: TF32 tensor cores for matmuls and convolutions
                 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
             torch.manual_seed(0)
             runner = StepRunner(cfg, precision, device, batch)
@@ -241,7 +253,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     on_gpu = args.device != "cpu" and torch.cuda.is_available()
-    device_name = torch.cuda.get_device_name() if on_gpu else f"{platform.processor() or 'cpu'} CPU"
+    device_name = torch.cuda.get_device_name() if on_gpu else f"{platform.machine()} CPU, {os.cpu_count()} cores"
     print(f"# device: {device_name}; torch {torch.__version__}; threads {torch.get_num_threads()}", flush=True)
     rows = run(args)
     print(f"\n| size | precision | batch | img/s | step s | train GFLOP/img | TFLOP/s | peak TFLOP/s (source) | "

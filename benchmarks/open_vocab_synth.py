@@ -169,7 +169,7 @@ def main() -> None:
         trainer.fit(until_epoch=min(trainer.state.epoch + eval_epochs, epochs))
         train_seconds += time.time() - tick
         model = trainer.eval_model().eval()
-        rows = predict_coco(model, val, trainer.device, trainer.tokenizer, args.size, batch_size=16)
+        rows = predict_coco(model, val, trainer.device, trainer.tokenizer, batch_size=16)
         model.train()
         it = trainer.state.epoch * trainer.iters_per_epoch
         entry = {"iteration": it, "epoch": trainer.state.epoch, "train_seconds": round(train_seconds, 1),

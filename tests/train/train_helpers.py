@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+
 def tiny_config(data: dict, output: Path, *overrides: str, **values):
     """The shipped synth_nano config shrunk for unit tests: 64 px inputs, 2 images a batch, 2 batches an epoch."""
     from wedetect.train.config import load_config

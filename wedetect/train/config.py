@@ -7,6 +7,7 @@ fill in the data paths for each flavour.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -55,7 +56,8 @@ class ModelSpec(_Strict):
 
     def build_config(self, image_size: int) -> ModelConfig:
         if self.size != "custom":
-            return get_config(self.size)
+            # Validation letterboxes to the network's input size: the training image size.
+            return dataclasses.replace(get_config(self.size), input_size=image_size)
         missing = [k for k in ("depths", "dims", "neck_scale", "neck_repeats") if getattr(self, k) is None]
         if missing:
             raise ConfigError(f"model.size: custom needs model.{', model.'.join(missing)}")

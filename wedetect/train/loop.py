@@ -33,6 +33,9 @@ from wedetect.checkpoint import (
     to_official,
 )
 from wedetect.errors import WeDetectError
+from wedetect.eval.detection import evaluate_coco
+from wedetect.eval.runner import DETECTION_FIELDS, records_to_coco, run_over_images
+from wedetect.inference import WeDetect
 from wedetect.models.detector import WeDetectClosedSetModel, WeDetectModel
 from wedetect.train.config import TrainConfig
 from wedetect.train.dataset import (
@@ -480,16 +483,17 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """COCO bbox AP on the validation split (rank 0); returns the evaluator's stats."""
+        """COCO bbox AP of the validated weights (``eval_model``) on the validation split, rank 0 only.
+
+        Predictions take the user inference path (``predict_coco``), so the numbers are those
+        ``wedetect eval detection`` reports for the saved checkpoint; returns the evaluator's stats.
+        """
         if not self.dist.is_main:
             return {}
-        from wedetect.eval.detection import evaluate_coco
-
         model = self.eval_model()
         was_training = model.training
-        model.eval()
-        rows = predict_coco(model, self.val_data, self.device, self.tokenizer, self.cfg.data.image_size,
-                            self.cfg.data.val_batch_size, progress=self.progress)
+        rows = predict_coco(model, self.val_data, self.device, self.tokenizer, self.cfg.data.val_batch_size,
+                            progress=self.progress)
         model.train(was_training)
         if not rows:
             log.info("validation: no detections")
@@ -642,31 +646,33 @@ def load_class_embeddings(path: str | os.PathLike, num_classes: int) -> np.ndarr
     return arr.astype(np.float32)
 
 
-@torch.no_grad()
-def predict_coco(model: WeDetectModel, data: CocoData, device: torch.device, tokenizer, image_size: int,
-                 batch_size: int = 8, progress: bool = False) -> list[dict]:
-    """COCO result rows for every validation image: official letterbox, all classes as prompts."""
-    from wedetect.data.letterbox import letterbox_detector, to_tensor
-    from wedetect.postprocess import detector_postprocess
-    from wedetect.data.io import load_bgr
+def eval_detector(model: WeDetectModel, class_names: list[str], tokenizer=None,
+                  device: torch.device | str = "cpu") -> WeDetect:
+    """The in-memory network wrapped in the user inference API, prompted as official evaluation:
+    every class name (first synonym) at once and no blank prompt; a closed-set model uses its classifier.
 
+    The wrapper shares the network's weights (nothing is copied); it switches the network to eval mode.
+    """
+    detector = WeDetect(model, tokenizer, device=device)
     if isinstance(model, WeDetectClosedSetModel):
-        text = model.prompts[None]
+        detector.set_class_embeddings(model.prompts.detach(), class_names)
     else:
-        names = [n[0] for n in data.class_names]
-        tok = tokenizer(names, padding=True, return_tensors="pt")
-        text = model.encode_text(tok["input_ids"].to(device), tok["attention_mask"].to(device))[None]
-    rows: list[dict] = []
-    records = data.records
-    for start in tqdm(range(0, len(records), batch_size), desc="validate", disable=not progress, leave=False):
-        chunk = records[start:start + batch_size]
-        inputs, metas = zip(*(letterbox_detector(load_bgr(r.path), image_size) for r in chunk))
-        images = to_tensor(list(inputs)).to(device)
-        cls_logits, reg_raw = model(images, text.expand(len(chunk), -1, -1))
-        logits, boxes = model.decode(cls_logits, reg_raw)
-        for i, (record, meta) in enumerate(zip(chunk, metas)):
-            b, s, lbl = detector_postprocess(logits[i].float(), boxes[i].float(), meta)
-            for box, score, label in zip(b.tolist(), s.tolist(), lbl.tolist()):
-                rows.append({"image_id": record.image_id, "category_id": data.category_ids[label],
-                             "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "score": score})
-    return rows
+        detector.set_classes(class_names, blank=False)
+    return detector
+
+
+def predict_coco(model: WeDetectModel, data: CocoData, device: torch.device | str, tokenizer=None,
+                 batch_size: int = 8, progress: bool = False) -> list[dict]:
+    """COCO result rows for every image of ``data`` from the path ``wedetect eval detection`` takes:
+    ``WeDetect.predict`` with the official test settings (score > 0.001, NMS 0.7, best 300 per image),
+    the evaluation runner and its COCO row conversion."""
+    detector = eval_detector(model, [names[0] for names in data.class_names], tokenizer, device)
+    cfg = detector.postprocess_cfg
+
+    def infer(paths: list[Path]) -> list:
+        return detector.predict(paths, threshold=cfg.score_thr, max_detections=cfg.max_per_img,
+                                batch_size=len(paths))
+
+    records = run_over_images(infer, [(r.image_id, r.path) for r in data.records], DETECTION_FIELDS,
+                              batch_size=batch_size, progress=progress)
+    return records_to_coco(records, data.category_ids)
