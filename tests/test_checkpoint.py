@@ -170,8 +170,36 @@ def test_closed_set_checkpoint_loads_with_its_classes(tiny_state_dict, tmp_path,
         WeDetectUni.from_pretrained(path)
     renamed = WeDetect.from_pretrained(path, class_names=["鞋", "床"])
     assert renamed.predict(demo_image, threshold=0.0)[0].names[0] in {"鞋", "床"}
+    _closed_set_evaluates_without_a_class_file(path, demo_image, tmp_path)
     # Our own safetensors file keeps the kind (a flat file would otherwise read as Uni).
     model.save(tmp_path / "closed.safetensors")
     again = WeDetect.from_pretrained(tmp_path / "closed.safetensors", class_names=["shoe", "bed"])
     out = again.predict(demo_image, threshold=0.0, max_detections=300)[0]
     assert torch.equal(out.boxes, det.boxes) and torch.equal(out.scores, det.scores)
+
+
+def _closed_set_evaluates_without_a_class_file(checkpoint, image, tmp_path) -> None:
+    """`wedetect eval detection` on a closed-set checkpoint: its classifier rows are the categories."""
+    from typer.testing import CliRunner
+
+    from wedetect.cli import app
+
+    def dataset(categories: list[str]):
+        path = tmp_path / f"ann{len(categories)}.json"
+        path.write_text(json.dumps({
+            "images": [{"id": 1, "file_name": image.name, "height": 720, "width": 1280}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [100, 100, 200, 300],
+                             "area": 60000, "iscrowd": 0}],
+            "categories": [{"id": i + 1, "name": n} for i, n in enumerate(categories)],
+        }))
+        return path
+
+    args = ["eval", "detection", "--checkpoint", str(checkpoint), "--images", str(image.parent), "--device", "cpu"]
+    ok = CliRunner().invoke(app, [*args, "--dataset", str(dataset(["shoe", "bed"])),
+                                  "--output-dir", str(tmp_path / "eval"), "--json", "-"])
+    assert ok.exit_code == 0, ok.output
+    rows = json.loads((tmp_path / "eval" / "detections.bbox.json").read_text())
+    assert rows and {r["category_id"] for r in rows} <= {1, 2}
+    bad = CliRunner().invoke(app, [*args, "--dataset", str(dataset(["a", "b", "c"])),
+                                   "--output-dir", str(tmp_path / "eval3")])
+    assert bad.exit_code != 0 and "closed-set checkpoint" in bad.output and "Traceback" not in bad.output

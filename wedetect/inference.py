@@ -241,6 +241,11 @@ class WeDetect(_Runner):
     def class_names(self) -> list[str]:
         return self._prompts[: self._num_classes]
 
+    @property
+    def is_closed_set(self) -> bool:
+        """A closed-set checkpoint: no text tower, the classes are its classifier rows."""
+        return self.model.text_tower is None
+
     def save(self, path: str | os.PathLike) -> None:
         """Write the weights in the official checkpoint layout (.pth or .safetensors)."""
         save_official(self.model, path)

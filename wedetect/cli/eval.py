@@ -155,7 +155,8 @@ def detection(
     """COCO AP (AP, AP50, AP75, APs/m/l) or LVIS AP (plus APr/c/f) of the detector on a dataset.
 
     All class names of --classes-file (first string of each entry, in the dataset's category order)
-    are prompted at once; label k is the k-th category of the annotation file.
+    are prompted at once; label k is the k-th category of the annotation file. A closed-set checkpoint
+    (from closed-set finetuning) needs no class file: its classifier rows are the categories, in order.
     """
     from wedetect.eval.dataset import CocoDataset, resolve_image_paths
     from wedetect.eval.detection import evaluate_detections, load_detections
@@ -167,13 +168,18 @@ def detection(
         if detections is not None:
             rows = load_detections(detections)
         else:
-            _require(checkpoint=checkpoint, images=images, classes_file=classes_file)
-            names = _class_names(classes_file)
-            data.check_class_count(len(names), f"class file {classes_file}")
+            _require(checkpoint=checkpoint, images=images)
             paths = resolve_image_paths(data, images)
             ctx, rank_device = _start(device)
             model = _load_detector(checkpoint, tokenizer, size, rank_device, dtype)
-            model.set_classes(names, blank=blank_prompt)
+            if getattr(model, "is_closed_set", False):  # its classifier rows are the dataset's categories
+                names = model.class_names
+                data.check_class_count(len(names), f"closed-set checkpoint {checkpoint}")
+            else:
+                _require(classes_file=classes_file)
+                names = _class_names(classes_file)
+                data.check_class_count(len(names), f"class file {classes_file}")
+                model.set_classes(names, blank=blank_prompt)
             # The model's own post-processing applies these before `predict` sees the detections.
             model.postprocess_cfg = dataclasses.replace(
                 model.postprocess_cfg, score_thr=score_thr, max_per_img=max_per_image
