@@ -176,7 +176,9 @@ def detection(
                 names = model.class_names
                 data.check_class_count(len(names), f"closed-set checkpoint {checkpoint}")
             else:
-                _require(classes_file=classes_file)
+                if classes_file is None:
+                    raise WeDetectError("--classes-file required: the checkpoint is open-vocabulary "
+                                        "(only a closed-set checkpoint brings its own classes)")
                 names = _class_names(classes_file)
                 data.check_class_count(len(names), f"class file {classes_file}")
                 model.set_classes(names, blank=blank_prompt)
