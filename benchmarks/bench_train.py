@@ -43,6 +43,7 @@ from wedetect.train.config import TrainConfig
 from wedetect.train.loop import (
     ModelEMA,
     TrainStep,
+    apply_gradients,
     build_model,
     lr_factor,
     param_groups,
@@ -128,16 +129,7 @@ class StepRunner:
 
     def step(self) -> None:
         self.forward_backward()
-        if self.cfg.optim.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None],
-                                           self.cfg.optim.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        if self.ema is not None:
-            self.ema.update(self.model)
+        apply_gradients(self.model, self.optimizer, self.scaler, self.scheduler, self.ema, self.cfg.optim.grad_clip)
 
 
 def train_flops(runner: StepRunner) -> float:

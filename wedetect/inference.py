@@ -70,7 +70,8 @@ class _Runner:
     def accelerate(
         self, channels_last: bool = False, compile: str | None = None, preprocess_workers: int | None = None
     ) -> "_Runner":
-        """Opt-in speed settings for the vision network; returns ``self``.
+        """Opt-in speed settings for the vision network; returns ``self``. Each call sets both network
+        options (one left out returns to its default: ``accelerate()`` restores the plain path).
 
         ``channels_last`` keeps images and activations NHWC (faster convolutions on tensor-core GPUs).
         ``compile`` runs network + box decoding through ``torch.compile`` in that mode (one of

@@ -177,6 +177,21 @@ class ModelEMA:
         self.steps = state["steps"]
 
 
+def apply_gradients(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    scheduler, ema: ModelEMA | None, grad_clip: float) -> None:
+    """One optimizer step on the accumulated gradients: unscale and clip (when ``grad_clip``), step
+    through the AMP scaler, clear the gradients, advance the schedule, update the EMA copy."""
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    if ema is not None:
+        ema.update(model)
+
+
 def _clone_module(model: nn.Module) -> nn.Module:
     import copy
 
@@ -459,17 +474,8 @@ class Trainer:
         return {**out.as_dict(), "loss": float(total.detach())}
 
     def _optimizer_step(self) -> None:
-        if self.cfg.optim.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            params = [p for p in self.model.parameters() if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        apply_gradients(self.model, self.optimizer, self.scaler, self.scheduler, self.ema, self.cfg.optim.grad_clip)
         self.state.step += 1
-        if self.ema is not None:
-            self.ema.update(self.model)
 
     def _barrier(self) -> None:
         if self.dist.world_size > 1:
