@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +24,9 @@ from wedetect.index import ExtractionSettings, build_index
 proposer = FakeProposer()
 report = build_index(sys.argv[1], sys.argv[2], proposer, model=MODEL,
                      settings=ExtractionSettings(commit_every=2, workers=1), progress=False)
-print(json.dumps({"rank": int(os.environ["RANK"]), "calls": proposer.calls, "added": report.added}))
+rank = int(os.environ["RANK"])
+with open(os.path.join(sys.argv[3], f"rank{rank}.json"), "w") as f:  # one file per rank: stdout lines interleave
+    json.dump({"rank": rank, "calls": proposer.calls, "added": report.added}, f)
 """
 
 
@@ -32,6 +36,9 @@ def test_torchrun_two_ranks_match_single_process(tmp_path):
     build_index(tmp_path / "idx", imgs[:3], FakeProposer(), model=MODEL, progress=False)  # some already indexed
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(Path(__file__).parent)]), OMP_NUM_THREADS="1")
     cmd = [
         sys.executable,
@@ -40,16 +47,15 @@ def test_torchrun_two_ranks_match_single_process(tmp_path):
         "--nproc-per-node",
         "2",
         "--master-port",
-        "29517",
+        str(port),
         str(script),
         str(tmp_path / "idx"),
         str(tmp_path / "imgs"),
+        str(tmp_path),
     ]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    import json
-
-    lines = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    lines = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     by_rank = {d["rank"]: d for d in lines}
     assert sorted(d["calls"] for d in lines) == [3, 3]  # the 6 new images split over the ranks
     assert by_rank[0]["added"] == 6  # rank 0 reports the whole run
