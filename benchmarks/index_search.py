@@ -177,6 +177,7 @@ def main() -> None:
     ap.add_argument("--clusters", type=int, default=2048)
     ap.add_argument("--vector-dtype", default="float32", choices=["float32", "float16"])
     ap.add_argument("--index-type", default="IVF_RQ", help="LanceDB index type (IVF_PQ, IVF_RQ, IVF_HNSW_SQ...)")
+    ap.add_argument("--metric", default="cosine", choices=["cosine", "dot", "l2"], help="IVF partition metric")
     ap.add_argument("--partitions", type=int, default=None)
     ap.add_argument("--sub-vectors", type=int, default=None)
     ap.add_argument("--nprobes", default="32", help="comma-separated values to sweep")
@@ -186,6 +187,7 @@ def main() -> None:
     ap.add_argument(
         "--reuse", action="store_true", help="reuse the rows, exact results and ANN index of a previous run"
     )
+    ap.add_argument("--rebuild-index", action="store_true", help="with --reuse: build the ANN index again")
     args = ap.parse_args()
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -231,10 +233,13 @@ def main() -> None:
         timings = {k: result[k] for k in ("exact_batch_s_per_query", "exact_single_query_s")}
         truth_file.write_text(json.dumps({"truth": [sorted(t) for t in truth], **timings}))
 
-    if not (args.reuse and store.has_ann_index()):
+    if args.rebuild_index or not (args.reuse and store.has_ann_index()):
         t0 = time.perf_counter()
         result["index"] = store.build_ann_index(
-            index_type=args.index_type, num_partitions=args.partitions, num_sub_vectors=args.sub_vectors
+            index_type=args.index_type,
+            metric=args.metric,
+            num_partitions=args.partitions,
+            num_sub_vectors=args.sub_vectors,
         )
         stage(result, index_build_s=round(time.perf_counter() - t0, 1))
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from index_fakes import MODEL, unit_texts
 
+from wedetect.errors import WeDetectError
 from wedetect.index import ImageRecord, IndexMeta, ObjectIndex, open_store
 from wedetect.index.store import ProposalBatch, proposal_vectors, vector_dim_for
 
@@ -83,3 +84,30 @@ def test_milvus_ivf_index_probing_every_list_equals_exact(tmp_path):
     for ex, ap, fo in zip(exact, ann, forced):
         assert [h.image_id for h in ap] == [h.image_id for h in ex] == [h.image_id for h in fo]
         np.testing.assert_allclose([h.score for h in ap], [h.score for h in ex], atol=1e-6)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+def test_ann_candidates_by_index_metric_ranked_by_official_logit(tmp_path, metric):
+    """Whatever metric picks the candidates, hits are ordered by the official logit; with every
+    partition probed and enough candidates the ANN answer is the exact one."""
+    store = open_store(tmp_path / "idx", meta=IndexMeta(768, vector_dim_for(768), MODEL))
+    _add(store, 0, 60, seed=6, clusters=slice(0, 16))
+    built = store.build_ann_index(index_type="IVF_FLAT", metric=metric, num_partitions=2)
+    assert built["metric"] == metric
+    assert open_store(tmp_path / "idx")._ann_metric() == metric  # read back from the index, not assumed
+    texts = torch.nn.functional.normalize(CENTRES[[2, 9]] + 0.05 * unit_texts(2, seed=7), dim=1)
+    index = ObjectIndex.open(tmp_path / "idx")
+    exact = index.search_embeddings(texts, top_k=12, exact=True)
+    ann = index.search_embeddings(texts, top_k=12, nprobes=2, refine_factor=50)  # 600 candidates = every row
+    few = index.search_embeddings(texts, top_k=12, nprobes=2, refine_factor=1)
+    for ex, ap, fw in zip(exact, ann, few):
+        assert [(h.image_id, round(h.logit, 3)) for h in ap] == [(h.image_id, round(h.logit, 3)) for h in ex]
+        np.testing.assert_allclose([h.score for h in ap], [h.score for h in ex], atol=1e-6)
+        assert [h.score for h in fw] == sorted((h.score for h in fw), reverse=True)
+
+
+def test_unknown_ann_metric_is_refused(tmp_path):
+    store = open_store(tmp_path / "idx", meta=IndexMeta(768, vector_dim_for(768), MODEL))
+    _add(store, 0, 30, seed=8, clusters=slice(0, 4))
+    with pytest.raises(WeDetectError, match="unknown ANN metric 'ip'"):
+        store.build_ann_index(metric="ip")

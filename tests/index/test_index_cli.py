@@ -155,3 +155,11 @@ def test_search_errors_are_one_line(env):
     assert r.exit_code == 2 and "--checkpoint" in r.output
     r = _run("search", "--index", "", "--checkpoint", env / "det.pth", "--text", "dog")
     assert r.exit_code == 2 and "--index is empty" in r.output
+
+
+def test_add_ann_options_reach_the_index_build(env):
+    r = _add(env, "--ann", "--ann-metric", "ip")
+    assert r.exit_code != 0 and "unknown ANN metric 'ip'" in r.output and "Traceback" not in r.output
+    r = _add(env, "--ann")  # a handful of proposals: refused in one line, the images stay indexed
+    assert r.exit_code != 0 and "an ANN index needs at least 256" in r.output
+    assert ObjectIndex.open(env / "idx").info()["images"] == 7

@@ -81,7 +81,15 @@ def add(
         None, "--staging-dir", help="Per-rank parts under torchrun (default <index>.parts)."
     ),
     ann: Optional[bool] = typer.Option(
-        None, "--ann/--no-ann", help=f"Build an ANN (IVF) index (default: when >= {ANN_MIN_PROPOSALS:,} proposals)."
+        None,
+        "--ann/--no-ann",
+        help=f"(Re)build the ANN (IVF) index (default: build one when >= {ANN_MIN_PROPOSALS:,} proposals and none exists).",
+    ),
+    ann_metric: str = typer.Option(
+        "cosine", "--ann-metric", help="IVF partitions by cosine (direction), dot or l2; hits are always ranked exactly."
+    ),
+    ann_partitions: Optional[int] = typer.Option(
+        None, "--ann-partitions", min=1, help="IVF partitions (default: one per ~8k proposals)."
     ),
     device: Device = "auto",
     dtype: Dtype = "float32",
@@ -118,9 +126,9 @@ def add(
             return
         store = open_store(index, backend=backend, device=dev)
         built = None
-        wants_ann = ann if ann is not None else store.count_proposals() >= ANN_MIN_PROPOSALS
-        if wants_ann and not store.has_ann_index():
-            built = store.build_ann_index()
+        auto_ann = ann is None and store.count_proposals() >= ANN_MIN_PROPOSALS and not store.has_ann_index()
+        if ann or auto_ann:
+            built = store.build_ann_index(metric=ann_metric, num_partitions=ann_partitions)
         payload = report.to_dict() | {"ann_index": built}
         emit_json(payload, json_out)
         say(

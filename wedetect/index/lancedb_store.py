@@ -6,8 +6,8 @@ JSON row with :class:`IndexMeta`, written last at creation, so its presence mean
 index"). Every LanceDB append is an atomic versioned commit.
 
 Search is exact (a streamed float32 matmul, optionally on GPU) until :meth:`build_ann_index`
-creates an IVF index (RaBitQ codes by default) on the vector column; ANN results are re-ranked on the stored
-vectors (``refine_factor``) and their logits recomputed exactly.
+creates an IVF index (RaBitQ codes, cosine partitions by default) on the vector column; the
+``limit * refine_factor`` ANN candidates are re-ranked by their exact logits on the stored vectors.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from wedetect.errors import WeDetectError
 from wedetect.index.store import (
@@ -162,6 +161,7 @@ class LanceDBStore(VectorStore):
         self._proposals = self._db.open_table("proposals")
         self._images = self._db.open_table("images")
         self._cache: tuple[int, list[ProposalBatch]] | None = None
+        self._metric: str | None = None  # of the ANN index, read once
 
     # --- writes ---------------------------------------------------------------------------
     def _append_proposals(self, batch: ProposalBatch) -> None:
@@ -235,25 +235,35 @@ class LanceDBStore(VectorStore):
             raise WeDetectError("search limit must be positive")
         if exact or (exact is None and not self.has_ann_index()):
             return exact_search(self._exact_batches(), queries, limit, device=self.device)
+        metric = self._ann_metric()
         out = []
         for q in np.asarray(queries, dtype=np.float32):
+            # Candidates by the index's own metric (querying another one makes Lance scan everything),
+            # then the official logit ranks them.
             t = (
                 self._proposals.search(q, vector_column_name="vector")
-                .distance_type("dot")
+                .distance_type(metric)
                 .nprobes(nprobes)
-                .refine_factor(refine_factor)
-                .limit(limit)
+                .limit(limit * refine_factor)
                 .to_arrow()
             )
-            rows = arrow_to_batch(t)
-            # Logits from the stored float32 vectors, not Lance's distance, so exact and ANN agree.
-            logits = (torch.from_numpy(rows.vector) @ torch.from_numpy(q)).numpy()
-            order = np.argsort(-logits, kind="stable")
-            out.append(RawHits(rows.take(order), logits[order].astype(np.float32)))
+            out.append(RawHits.rerank(arrow_to_batch(t), q, limit))
         return out
 
+    def _ann_metric(self) -> str:
+        if self._metric is None:
+            (idx,) = [i for i in self._proposals.list_indices() if "vector" in i.columns]
+            self._metric = self._proposals.index_stats(idx.name).distance_type
+        return self._metric
+
     def build_ann_index(
-        self, *, index_type: str = "IVF_RQ", num_partitions: int | None = None, num_sub_vectors: int | None = None, **_
+        self,
+        *,
+        index_type: str = "IVF_RQ",
+        metric: str = "cosine",
+        num_partitions: int | None = None,
+        num_sub_vectors: int | None = None,
+        **_,
     ) -> dict:
         from lancedb import index as lance_index
 
@@ -266,6 +276,8 @@ class LanceDBStore(VectorStore):
         }
         if index_type not in configs:
             raise WeDetectError(f"unknown ANN index type {index_type!r} (one of {', '.join(configs)})")
+        if metric not in ("cosine", "dot", "l2"):
+            raise WeDetectError(f"unknown ANN metric {metric!r} (cosine, dot or l2)")
         n = self.count_proposals()
         if n < 256:
             raise WeDetectError(
@@ -278,6 +290,7 @@ class LanceDBStore(VectorStore):
             params["num_sub_vectors"] = num_sub_vectors or self.meta.vector_dim // 16  # 16-d sub-vectors
         if str(self.device).startswith("cuda"):
             params["accelerator"] = "cuda"  # k-means training on the GPU
-        config = getattr(lance_index, configs[index_type])(distance_type="dot", max_iterations=20, **params)
+        config = getattr(lance_index, configs[index_type])(distance_type=metric, max_iterations=20, **params)
         self._proposals.create_index("vector", config=config, replace=True)
-        return {"index_type": index_type, "rows": n, **params}
+        self._metric = metric
+        return {"index_type": index_type, "metric": metric, "rows": n, **params}

@@ -8,8 +8,8 @@ for a secured server comes from ``MILVUS_TOKEN``. Collections are named
 
 Milvus needs a vector field in every collection; the image and meta collections carry a
 2-d dummy vector. Searches use the inner-product metric (``IP``) on a ``FLAT`` index (exact)
-until :meth:`build_ann_index` switches to an IVF/HNSW index; returned rows are re-scored on
-their stored float32 vectors, like the LanceDB backend.
+until :meth:`build_ann_index` switches to an IVF/HNSW index (cosine partitions by default);
+its ``limit * refine_factor`` candidates are re-scored on their stored vectors, like the LanceDB backend.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
-import torch
 
 from wedetect.errors import WeDetectError
 from wedetect.index.store import (
@@ -254,34 +253,36 @@ class MilvusStore(VectorStore):
         if limit > _MAX_LIMIT or (exact and self.has_ann_index()):
             # Beyond Milvus' top-k cap, or exact asked of an ANN index: stream and scan.
             return exact_search(self.iter_proposals(), queries, limit, device=self.device)
-        params = {"metric_type": "IP", "params": {"nprobe": int(ann.get("nprobes", 32))}}
+        info = self._client.describe_index(self._p, index_name="vector") or {}
+        approximate = info.get("index_type", "FLAT") != "FLAT"
+        candidates = min(_MAX_LIMIT, limit * int(ann.get("refine_factor", 10))) if approximate else limit
+        params = {"metric_type": info.get("metric_type", "IP"), "params": {"nprobe": int(ann.get("nprobes", 32))}}
         res = self._client.search(
             self._p,
             data=[np.asarray(q, np.float32) for q in queries],
-            limit=limit,
+            limit=candidates,
             anns_field="vector",
             search_params=params,
             output_fields=_PROPOSAL_FIELDS,
         )
-        out = []
-        for q, hits in zip(np.asarray(queries, np.float32), res):
-            rows = self._to_batch([h["entity"] for h in hits])
-            # Re-score on the stored vectors with the same float32 matmul as the exact path.
-            logits = (torch.from_numpy(rows.vector) @ torch.from_numpy(q)).numpy()
-            order = np.argsort(-logits, kind="stable")
-            out.append(RawHits(rows.take(order), logits[order].astype(np.float32)))
-        return out
+        queries = np.asarray(queries, np.float32)
+        return [RawHits.rerank(self._to_batch([h["entity"] for h in hits]), q, limit) for q, hits in zip(queries, res)]
 
-    def build_ann_index(self, *, index_type: str = "IVF_FLAT", num_partitions: int | None = None, **_) -> dict:
+    def build_ann_index(
+        self, *, index_type: str = "IVF_FLAT", metric: str = "cosine", num_partitions: int | None = None, **_
+    ) -> dict:
+        if metric not in ("cosine", "dot", "l2"):
+            raise WeDetectError(f"unknown ANN metric {metric!r} (cosine, dot or l2)")
         n = self.count_proposals()
         nlist = num_partitions or max(1, min(int(np.sqrt(n)), 65536))
         self._client.release_collection(self._p)
         self._client.drop_index(self._p, index_name="vector")
         params = self._client.prepare_index_params()
-        params.add_index("vector", index_type=index_type, metric_type="IP", params={"nlist": nlist})
+        metric_type = {"cosine": "COSINE", "dot": "IP", "l2": "L2"}[metric]
+        params.add_index("vector", index_type=index_type, metric_type=metric_type, params={"nlist": nlist})
         self._client.create_index(self._p, params)
         self._client.load_collection(self._p)
-        return {"index_type": index_type, "num_partitions": nlist, "rows": n}
+        return {"index_type": index_type, "metric": metric, "num_partitions": nlist, "rows": n}
 
     def close(self) -> None:
         self._client.close()

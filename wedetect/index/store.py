@@ -217,6 +217,14 @@ class RawHits:
     proposals: ProposalBatch
     logits: np.ndarray  # (n,) float32
 
+    @classmethod
+    def rerank(cls, candidates: ProposalBatch, query: np.ndarray, limit: int) -> "RawHits":
+        """The ``limit`` best ANN candidates by their exact logit: the stored vectors times the query
+        in float32 (the exact path's matmul), so the ANN and exact paths score a proposal identically."""
+        logits = (torch.from_numpy(candidates.vector) @ torch.from_numpy(query)).numpy()
+        order = np.argsort(-logits, kind="stable")[:limit]
+        return cls(candidates.take(order), logits[order].astype(np.float32))
+
 
 class VectorStore(ABC):
     """The small storage interface every backend implements.
@@ -268,7 +276,14 @@ class VectorStore(ABC):
         return False
 
     def build_ann_index(self, **params) -> dict:
-        """Build an approximate index for large collections; returns what was built."""
+        """Build an approximate index for large collections; returns what was built.
+
+        Backends partition by ``metric`` (default ``"cosine"``: by direction) and search returns
+        ``limit * refine_factor`` candidates by that metric, ranked by :meth:`RawHits.rerank`.
+        Directions are what a unit text query separates: in the noise-dominated embeddings of
+        ``benchmarks/index_search.py``, inner-product or L2 k-means scatters one object kind over
+        many cells, cosine k-means keeps it in one or two (docs/index.md).
+        """
         raise WeDetectError(f"{type(self).__name__} has no ANN index support")
 
     def close(self) -> None:  # noqa: B027 (optional hook)
