@@ -203,3 +203,9 @@ def _closed_set_evaluates_without_a_class_file(checkpoint, image, tmp_path) -> N
     bad = CliRunner().invoke(app, [*args, "--dataset", str(dataset(["a", "b", "c"])),
                                    "--output-dir", str(tmp_path / "eval3")])
     assert bad.exit_code != 0 and "closed-set checkpoint" in bad.output and "Traceback" not in bad.output
+    # A class file passed anyway must agree with the checkpoint's class count.
+    names = tmp_path / "names3.json"
+    names.write_text(json.dumps([["鞋"], ["床"], ["桌子"]], ensure_ascii=False), encoding="utf-8")
+    wrong = CliRunner().invoke(app, [*args, "--dataset", str(dataset(["shoe", "bed"])), "--classes-file", str(names),
+                                     "--output-dir", str(tmp_path / "eval4")])
+    assert wrong.exit_code != 0 and "has 3 classes, the closed-set checkpoint" in wrong.output

@@ -175,6 +175,12 @@ def detection(
             if getattr(model, "is_closed_set", False):  # its classifier rows are the dataset's categories
                 names = model.class_names
                 data.check_class_count(len(names), f"closed-set checkpoint {checkpoint}")
+                if classes_file is not None:  # only names for the report; the count must still agree
+                    given = _class_names(classes_file)
+                    if len(given) != len(names):
+                        raise WeDetectError(f"class file {classes_file} has {len(given)} classes, the closed-set "
+                                            f"checkpoint {checkpoint} {len(names)}")
+                    names = given
             else:
                 if classes_file is None:
                     raise WeDetectError("--classes-file required: the checkpoint is open-vocabulary "
