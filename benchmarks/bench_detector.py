@@ -13,7 +13,8 @@ Examples:
     python benchmarks/bench_detector.py                          # CPU: tiny+base, batch 1, fp32
     python benchmarks/bench_detector.py --sizes base large --batches 1 16 --dtypes float32 float16 --device cuda
     python benchmarks/bench_detector.py --sizes base --batches 16 --dtypes float16 --device cuda \
-        --accel none channels_last cudagraphs channels_last+cudagraphs
+        --accel none channels_last cudagraphs channels_last+cudagraphs device_letterbox \
+        channels_last+cudagraphs+device_letterbox
 """
 from __future__ import annotations
 
@@ -101,6 +102,12 @@ ACCEL = {
     "cudagraphs": {"compile": "reduce-overhead"},
     "channels_last+compile": {"channels_last": True, "compile": "default"},
     "channels_last+cudagraphs": {"channels_last": True, "compile": "reduce-overhead"},
+    "device_letterbox": {"device_letterbox": True},
+    "channels_last+cudagraphs+device_letterbox": {
+        "channels_last": True,
+        "compile": "reduce-overhead",
+        "device_letterbox": True,
+    },
 }
 
 
@@ -135,7 +142,7 @@ def run(args) -> list[dict]:
                     batch = to_tensor([letterbox_detector(im[:, :, ::-1], s)[0] for im in images]).to(device)
                     base = None
                     for accel in args.accel:
-                        model.accelerate(**ACCEL[accel])
+                        model.accelerate(**{"device_letterbox": False, **ACCEL[accel]})
                         # The reference mode is the baseline: timed once, on the plain path.
                         modes = args.modes if accel == "none" else [m for m in args.modes if m != "reference"]
                         for stage, mode, fn in _stages(model, kind, images, batch, args, modes):
@@ -150,7 +157,7 @@ def run(args) -> list[dict]:
                                 row["tflops"] = round(GFLOP[size] * bs / med / 1e3, 2)
                             rows.append(row)
                             print(json.dumps(row), flush=True)
-                    model.accelerate()
+                    model.accelerate(device_letterbox=False)
     return rows
 
 

@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 from .checkpoint import build_from_checkpoint, load_official, save_official
 from .config import ModelConfig
 from .data.io import ImageInput, ImageReadError, image_name, load_bgr, load_pil_rgb
-from .data.letterbox import letterbox_detector, letterbox_uni, to_tensor
+from .data.device_letterbox import letterbox_on_device
+from .data.letterbox import detector_geometry, letterbox_detector, letterbox_uni, to_tensor, uni_geometry
 from .errors import WeDetectError
 from .models.detector import WeDetectClosedSetModel, WeDetectModel, WeDetectUniModel
 from .models.head import flatten_levels
@@ -66,9 +67,16 @@ class _Runner:
     _compiled: Callable | None = None
     # Threads that decode and letterbox images ahead of the network (OpenCV and Pillow release the GIL).
     preprocess_workers: int = min(8, os.cpu_count() or 1)
+    # Resize + pad on the inference device instead of the CPU threads (see accelerate()).
+    device_letterbox: bool = False
+    _letterbox_style: str  # "detector" (OpenCV rules, BGR in) or "uni" (Pillow rules, RGB in)
 
     def accelerate(
-        self, channels_last: bool = False, compile: str | None = None, preprocess_workers: int | None = None
+        self,
+        channels_last: bool = False,
+        compile: str | None = None,
+        preprocess_workers: int | None = None,
+        device_letterbox: bool | None = None,
     ) -> "_Runner":
         """Opt-in speed settings for the vision network; returns ``self``. Each call sets both network
         options (one left out returns to its default: ``accelerate()`` restores the plain path).
@@ -79,7 +87,12 @@ class _Runner:
         batch of each size compiles (tens of seconds), later ones reuse it. Outputs stay equal to the
         default path up to float rounding (tested). ``preprocess_workers`` sets the number of threads that
         decode and letterbox images ahead of the network (default ``min(8, CPUs)``; results are identical).
+        ``device_letterbox`` moves resizing and padding from those threads to the inference device (they
+        only decode): a CPU saving for fast GPUs, at most one grey level off the official input on ~0.1 %
+        of pixels. The two pre-processing options keep their value when left out.
         """
+        if device_letterbox is not None:
+            self.device_letterbox = device_letterbox
         if preprocess_workers is not None:
             if preprocess_workers < 1:
                 raise WeDetectError("preprocess_workers must be at least 1")
@@ -146,8 +159,12 @@ class _Runner:
         pending: list[tuple[int, np.ndarray, LetterboxMeta]] = []
 
         def flush() -> None:
-            batch = to_tensor([p[1] for p in pending], self.device).to(self.dtype)
-            for (i, _, _), det in zip(pending, process(batch, [p[2] for p in pending])):
+            arrays, metas = [p[1] for p in pending], [p[2] for p in pending]
+            if self.device_letterbox:
+                batch = letterbox_on_device(arrays, metas, self._letterbox_style, self.device)
+            else:
+                batch = to_tensor(arrays, self.device)
+            for (i, _, _), det in zip(pending, process(batch.to(self.dtype), metas)):
                 det.path = image_name(items[i], i)
                 results[i] = det
             pending.clear()
@@ -313,8 +330,13 @@ class WeDetect(_Runner):
         self._class_embeds, self._prompts, self._num_classes = emb, prompts, num_classes
 
     # -- images ---------------------------------------------------------------------------------------
+    _letterbox_style = "detector"
+
     def _prepare(self, image: ImageInput) -> tuple[np.ndarray, LetterboxMeta]:
-        return letterbox_detector(load_bgr(image), self.config.input_size)
+        bgr = load_bgr(image)
+        if self.device_letterbox:
+            return bgr, detector_geometry(*bgr.shape[:2], self.config.input_size)[2]
+        return letterbox_detector(bgr, self.config.input_size)
 
     @torch.inference_mode()
     def forward_raw(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -393,8 +415,13 @@ class WeDetectUni(_Runner):
     def save(self, path: str | os.PathLike) -> None:
         save_official(self.model, path)
 
+    _letterbox_style = "uni"
+
     def _prepare(self, image: ImageInput) -> tuple[np.ndarray, LetterboxMeta]:
-        return letterbox_uni(load_pil_rgb(image), self.config.input_size)
+        rgb = load_pil_rgb(image)
+        if self.device_letterbox:
+            return np.array(rgb), uni_geometry(rgb.height, rgb.width, self.config.input_size)[2]
+        return letterbox_uni(rgb, self.config.input_size)
 
     @torch.inference_mode()
     def forward_raw(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

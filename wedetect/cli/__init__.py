@@ -8,7 +8,7 @@ import typer
 from tqdm.auto import tqdm
 
 from ..errors import WeDetectError
-from .common import (DEMO_IMAGE, BatchSize, ChannelsLast, Checkpoint, Classes, ClassesFile, Compile, Device, Dtype,
+from .common import (DEMO_IMAGE, BatchSize, ChannelsLast, Checkpoint, Classes, ClassesFile, Compile, Device, DeviceLetterbox, Dtype,
                      Font, ImagesOrDemo, JsonOut, OutputDir, Quiet, Size, Tokenizer, UniCheckpoint, emit_json, info, user_errors)
 
 app = typer.Typer(
@@ -100,6 +100,7 @@ def detect(
     batch_size: BatchSize = 8,
     compile: Compile = None,
     channels_last: ChannelsLast = False,
+    device_letterbox: DeviceLetterbox = False,
     quiet: Quiet = False,
 ) -> None:
     """Detect the given classes in images; writes annotated images and COCO-format results."""
@@ -113,7 +114,7 @@ def detect(
         if output_dir is None and json_out is None:
             json_out = "-"
         model = WeDetect.from_pretrained(checkpoint, tokenizer=tokenizer, size=size, device=device, dtype=dtype)
-        model.accelerate(channels_last=channels_last, compile=compile)
+        model.accelerate(channels_last=channels_last, compile=compile, device_letterbox=device_letterbox)
         model.set_classes(names)
         per_image, coco_rows, skipped = [], [], []
 
@@ -150,6 +151,7 @@ def propose(
     batch_size: BatchSize = 8,
     compile: Compile = None,
     channels_last: ChannelsLast = False,
+    device_letterbox: DeviceLetterbox = False,
     quiet: Quiet = False,
 ) -> None:
     """Class-agnostic WeDetect-Uni proposals with their embeddings."""
@@ -163,7 +165,7 @@ def propose(
         if output_dir is None and json_out is None:
             json_out = "-"
         uni = WeDetectUni.from_pretrained(uni_checkpoint, size=size, device=device, dtype=dtype)
-        uni.accelerate(channels_last=channels_last, compile=compile)
+        uni.accelerate(channels_last=channels_last, compile=compile, device_letterbox=device_letterbox)
         per_image, skipped = [], []
 
         def call(chunk):

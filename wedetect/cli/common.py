@@ -29,6 +29,12 @@ Size = Annotated[Optional[str], typer.Option("--size", help="tiny, base or large
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
 Compile = Annotated[Optional[str], typer.Option("--compile", help="torch.compile the network: default, reduce-overhead (CUDA graphs) or max-autotune; the first batch compiles.")]
 ChannelsLast = Annotated[bool, typer.Option("--channels-last", help="NHWC activations (faster on tensor-core GPUs).")]
+DeviceLetterbox = Annotated[
+    bool,
+    typer.Option(
+        "--device-letterbox", help="Resize and pad on --device (CPU threads only decode); <= 1 grey level off."
+    ),
+]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 Font = Annotated[Optional[Path], typer.Option("--font", help="Font file for labels (default: a system CJK font, or $WEDETECT_FONT).")]
 

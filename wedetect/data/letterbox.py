@@ -18,40 +18,45 @@ from ..structures import LetterboxMeta
 PAD_VALUE = 114
 
 
+def detector_geometry(h: int, w: int, size: int) -> tuple[int, int, LetterboxMeta]:
+    """The detector's resized (h1, w1) and meta for an h x w image: int() sizes, the odd pad pixel
+    at bottom/right, per-axis scale factors from the integer sizes."""
+    r = min(size / max(h, w), size / min(h, w))  # a Python float, as the official code computes it
+    h1, w1 = (h, w) if r == 1 else (int(h * r), int(w * r))
+    top, left = (size - h1) // 2, (size - w1) // 2
+    pad = (float(top), float(size - h1 - top), float(left), float(size - w1 - left))
+    return h1, w1, LetterboxMeta(orig_size=(h, w), input_size=size, scale=(w1 / w, h1 / h), pad=pad)
+
+
 def letterbox_detector(bgr: np.ndarray, size: int) -> tuple[np.ndarray, LetterboxMeta]:
     """BGR uint8 HxWx3 -> (RGB uint8 S x S x 3 network input, meta)."""
     h, w = bgr.shape[:2]
-    r = min(size / max(h, w), size / min(h, w))  # a Python float, as the official code computes it
-    if r == 1:
-        img = bgr
-    else:
-        interp = cv2.INTER_AREA if r < 1 else cv2.INTER_LINEAR
-        img = cv2.resize(bgr, (int(w * r), int(h * r)), interpolation=interp)
-    h1, w1 = img.shape[:2]
-    pad_h, pad_w = size - h1, size - w1
-    top, left = pad_h // 2, pad_w // 2
-    bottom, right = pad_h - top, pad_w - left
-    if pad_h or pad_w:
+    h1, w1, meta = detector_geometry(h, w, size)
+    img = bgr
+    if (h1, w1) != (h, w):
+        interp = cv2.INTER_AREA if h1 < h else cv2.INTER_LINEAR
+        img = cv2.resize(bgr, (w1, h1), interpolation=interp)
+    top, bottom, left, right = map(int, meta.pad)
+    if top or bottom or left or right:
         img = cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
-    meta = LetterboxMeta(
-        orig_size=(h, w),
-        input_size=size,
-        scale=(w1 / w, h1 / h),
-        pad=(float(top), float(bottom), float(left), float(right)),
-    )
     return np.ascontiguousarray(img[:, :, ::-1]), meta
+
+
+def uni_geometry(h: int, w: int, size: int) -> tuple[int, int, LetterboxMeta]:
+    """WeDetect-Uni's resized (h1, w1) and meta: round() sizes, one ratio, float half-pads."""
+    r = min(size / w, size / h)
+    h1, w1 = int(round(h * r)), int(round(w * r))
+    dw, dh = size - w1, size - h1
+    return h1, w1, LetterboxMeta(orig_size=(h, w), input_size=size, scale=(r, r), pad=(dh / 2, dh / 2, dw / 2, dw / 2))
 
 
 def letterbox_uni(image: Image.Image, size: int) -> tuple[np.ndarray, LetterboxMeta]:
     """Pillow RGB image -> (RGB uint8 S x S x 3 network input, meta)."""
     w, h = image.size
-    r = min(size / w, size / h)
-    new_w, new_h = int(round(w * r)), int(round(h * r))
-    resized = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    h1, w1, meta = uni_geometry(h, w, size)
+    resized = image.resize((w1, h1), Image.Resampling.BILINEAR)
     canvas = Image.new("RGB", (size, size), (PAD_VALUE,) * 3)
-    dw, dh = size - new_w, size - new_h
-    canvas.paste(resized, (dw // 2, dh // 2))
-    meta = LetterboxMeta(orig_size=(h, w), input_size=size, scale=(r, r), pad=(dh / 2, dh / 2, dw / 2, dw / 2))
+    canvas.paste(resized, ((size - w1) // 2, (size - h1) // 2))
     return np.asarray(canvas), meta
 
 
