@@ -29,10 +29,12 @@ from wedetect.index.store import (
     ProposalBatch,
     RawHits,
     VectorStore,
+    best_by_logit,
     exact_search,
 )
 
 _DELETE_CHUNK = 1000
+_META_COLUMNS = ["image_id", "rank", "box", "score", "level", "logit_scale", "logit_bias"]
 # Exact search keeps the proposals in memory between queries up to this size.
 _CACHE_BYTES = 2 << 30
 
@@ -93,14 +95,16 @@ def batch_to_arrow(batch: ProposalBatch, vector_dim: int, vector_dtype: str = "f
     )
 
 
+def _fixed(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A fixed-size-list column as a writable float32 (n, width) array (Arrow buffers are read-only)."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    return np.array(col.flatten().to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size), dtype=np.float32)
+
+
 def arrow_to_batch(t: pa.Table | pa.RecordBatch) -> ProposalBatch:
     def fixed(name: str) -> np.ndarray:
-        col = t.column(name)
-        if isinstance(col, pa.ChunkedArray):
-            col = col.combine_chunks()
-        width = col.type.list_size
-        # Copies: Arrow buffers are read-only and torch wants writable arrays.
-        return np.array(col.flatten().to_numpy(zero_copy_only=False).reshape(-1, width), dtype=np.float32)
+        return _fixed(t.column(name))
 
     def flat(name: str) -> np.ndarray:
         return np.array(t.column(name).to_numpy(zero_copy_only=False))
@@ -239,15 +243,23 @@ class LanceDBStore(VectorStore):
         out = []
         for q in np.asarray(queries, dtype=np.float32):
             # Candidates by the index's own metric (querying another one makes Lance scan everything),
-            # then the official logit ranks them.
-            t = (
+            # vectors only; the official logit ranks them, and only the winners' other columns are read
+            # (each column read per candidate row costs about as much as the vector).
+            cands = (
                 self._proposals.search(q, vector_column_name="vector")
                 .distance_type(metric)
                 .nprobes(nprobes)
                 .limit(limit * refine_factor)
+                .select(["vector"])
+                .with_row_id(True)
                 .to_arrow()
             )
-            out.append(RawHits.rerank(arrow_to_batch(t), q, limit))
+            order, logits = best_by_logit(_fixed(cands.column("vector")), q, limit)
+            row_ids = cands.column("_rowid").to_numpy()[order]
+            rows = self._proposals.take_row_ids(row_ids.tolist()).select(_META_COLUMNS).with_row_id().to_arrow()
+            where = {int(r): i for i, r in enumerate(rows.column("_rowid").to_numpy())}  # take reorders
+            rows = rows.take([where[int(r)] for r in row_ids]).append_column("vector", cands.column("vector").take(order))
+            out.append(RawHits(arrow_to_batch(rows), logits))
         return out
 
     def _ann_metric(self) -> str:

@@ -219,11 +219,17 @@ class RawHits:
 
     @classmethod
     def rerank(cls, candidates: ProposalBatch, query: np.ndarray, limit: int) -> "RawHits":
-        """The ``limit`` best ANN candidates by their exact logit: the stored vectors times the query
-        in float32 (the exact path's matmul), so the ANN and exact paths score a proposal identically."""
-        logits = (torch.from_numpy(candidates.vector) @ torch.from_numpy(query)).numpy()
-        order = np.argsort(-logits, kind="stable")[:limit]
-        return cls(candidates.take(order), logits[order].astype(np.float32))
+        """The ``limit`` best ANN candidates by their exact logit."""
+        order, logits = best_by_logit(candidates.vector, query, limit)
+        return cls(candidates.take(order), logits)
+
+
+def best_by_logit(vectors: np.ndarray, query: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions and float32 logits of the ``limit`` best rows of ``vectors`` (n, d) for one query,
+    computed with the exact path's float32 matmul so both paths score a proposal identically."""
+    logits = (torch.from_numpy(vectors) @ torch.from_numpy(query)).numpy()
+    order = np.argsort(-logits, kind="stable")[:limit]
+    return order, logits[order].astype(np.float32)
 
 
 class VectorStore(ABC):
