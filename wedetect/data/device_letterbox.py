@@ -25,7 +25,7 @@ _AREA_EPS = 1e-3
 _FIXED_ONE = 2048  # OpenCV's INTER_RESIZE_COEF_SCALE
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=32)  # a few image sizes recur; one matrix of a 4k image is ~20 MB
 def _linear_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """OpenCV INTER_LINEAR for uint8: half-pixel centres in float32, edge taps clamped, and the two
     weights rounded to 11-bit fixed point. Returns (left index, right index, left weight, right weight)."""
@@ -63,7 +63,7 @@ def _resize_linear(x: torch.Tensor, h1: int, w1: int) -> torch.Tensor:
     return out.clamp_(0, 255).to(x.dtype)
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=32)  # a few image sizes recur; one matrix of a 4k image is ~20 MB
 def _weights(src: int, dst: int, kind: str) -> np.ndarray:
     """(dst, src) float64 resampling matrix of one axis for ``"area"`` or ``"pillow_bilinear"``."""
     m = np.zeros((dst, src))
