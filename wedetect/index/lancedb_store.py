@@ -258,8 +258,11 @@ class LanceDBStore(VectorStore):
             row_ids = cands.column("_rowid").to_numpy()[order]
             rows = self._proposals.take_row_ids(row_ids.tolist()).select(_META_COLUMNS).with_row_id().to_arrow()
             where = {int(r): i for i, r in enumerate(rows.column("_rowid").to_numpy())}  # take reorders
-            rows = rows.take([where[int(r)] for r in row_ids]).append_column("vector", cands.column("vector").take(order))
-            out.append(RawHits(arrow_to_batch(rows), logits))
+            # A row deleted by a concurrent writer between the two reads is dropped, not an error.
+            kept = [k for k, r in enumerate(row_ids) if int(r) in where]
+            rows = rows.take([where[int(row_ids[k])] for k in kept])
+            rows = rows.append_column("vector", cands.column("vector").take(order[kept]))
+            out.append(RawHits(arrow_to_batch(rows), logits[kept]))
         return out
 
     def _ann_metric(self) -> str:
