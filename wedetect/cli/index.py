@@ -9,6 +9,7 @@ from typing import List, Optional
 import typer
 
 from ..errors import WeDetectError
+from ..index.store import DEFAULT_NPROBES, DEFAULT_REFINE_FACTOR
 from .common import (
     BatchSize,
     Checkpoint,
@@ -159,8 +160,8 @@ def search(
     exact: Optional[bool] = typer.Option(
         None, "--exact/--ann", help="Force exact or ANN search (default: ANN if built)."
     ),
-    nprobes: int = typer.Option(32, "--nprobes", min=1, help="ANN: IVF partitions probed."),
-    refine_factor: int = typer.Option(10, "--refine-factor", min=1, help="ANN: top-k multiple re-ranked exactly."),
+    nprobes: int = typer.Option(DEFAULT_NPROBES, "--nprobes", min=1, help="ANN: IVF partitions probed."),
+    refine_factor: int = typer.Option(DEFAULT_REFINE_FACTOR, "--refine-factor", min=1, help="ANN: top-k multiple re-ranked exactly."),
     backend: str = Backend,
     device: Device = "auto",
     dtype: Dtype = "float32",

@@ -21,6 +21,8 @@ import pyarrow as pa
 
 from wedetect.errors import WeDetectError
 from wedetect.index.store import (
+    DEFAULT_NPROBES,
+    DEFAULT_REFINE_FACTOR,
     EXACT_CHUNK_ROWS,
     ImageRecord,
     IndexMeta,
@@ -232,8 +234,8 @@ class LanceDBStore(VectorStore):
         limit: int,
         *,
         exact: bool | None = None,
-        nprobes: int = 32,
-        refine_factor: int = 10,
+        nprobes: int = DEFAULT_NPROBES,
+        refine_factor: int = DEFAULT_REFINE_FACTOR,
     ) -> list[RawHits]:
         if limit <= 0:
             raise WeDetectError("search limit must be positive")

@@ -23,6 +23,8 @@ import numpy as np
 
 from wedetect.errors import WeDetectError
 from wedetect.index.store import (
+    DEFAULT_NPROBES,
+    DEFAULT_REFINE_FACTOR,
     EXACT_CHUNK_ROWS,
     ImageRecord,
     IndexMeta,
@@ -255,8 +257,8 @@ class MilvusStore(VectorStore):
             return exact_search(self.iter_proposals(), queries, limit, device=self.device)
         info = self._client.describe_index(self._p, index_name="vector") or {}
         approximate = info.get("index_type", "FLAT") != "FLAT"
-        candidates = min(_MAX_LIMIT, limit * int(ann.get("refine_factor", 10))) if approximate else limit
-        params = {"metric_type": info.get("metric_type", "IP"), "params": {"nprobe": int(ann.get("nprobes", 32))}}
+        candidates = min(_MAX_LIMIT, limit * int(ann.get("refine_factor", DEFAULT_REFINE_FACTOR))) if approximate else limit
+        params = {"metric_type": info.get("metric_type", "IP"), "params": {"nprobe": int(ann.get("nprobes", DEFAULT_NPROBES))}}
         res = self._client.search(
             self._p,
             data=[np.asarray(q, np.float32) for q in queries],
