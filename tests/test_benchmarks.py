@@ -1,0 +1,49 @@
+"""The benchmark scripts run end to end at toy sizes and report what their docs promise."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_index_search_benchmark_probing_everything_is_exact(tmp_path):
+    """3,000 proposals, 4 cells all probed with 50x candidates (every row): recall@100 must be 1."""
+    proc = _run("benchmarks/index_search.py", "--rows", "3000", "--dir", str(tmp_path), "--queries", "4",
+                "--clusters", "8", "--partitions", "4", "--nprobes", "1,4", "--refine-factor", "50",
+                "--pipeline-images", "3")  # fmt: skip
+    result = json.loads(proc.stdout)
+    assert result["rows"] == 3000 and result["index"]["metric"] == "cosine"
+    sweep = {row["nprobes"]: row for row in result["search"]}
+    assert sweep[4]["recall@100"] == 1.0 and sweep[4]["min_recall@100"] == 1.0
+    assert 0 <= sweep[1]["recall@100"] <= 1 and sweep[1]["p50_ms"] > 0
+    assert sweep[4]["speedup_vs_exact_single_query"] > 0  # the ratio to brute force, same run
+    assert result["indexing"]["images"] == 3 and result["indexing"]["proposals_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_detector_benchmark_prints_ratios_for_each_path(tmp_path):
+    out = tmp_path / "rows.json"
+    _run("benchmarks/bench_detector.py", "--sizes", "tiny", "--batches", "1", "--warmup", "0", "--iters", "1",
+         "--accel", "none", "device_letterbox", "--device", "cpu", "--json", str(out))  # fmt: skip
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert report["device"]  # the table says what it was measured on
+    stages = {(r["accel"], r["stage"], r["mode"]) for r in rows}
+    assert stages == {("none", "net", "-"), ("none", "e2e", "reference"), ("none", "e2e", "fast"),
+                      ("device_letterbox", "net", "-"), ("device_letterbox", "e2e", "fast")}  # fmt: skip
+    fast = [r for r in rows if r["mode"] == "fast"]
+    assert all(r["speedup_vs_reference"] > 0 and r["img_per_s"] > 0 for r in fast)
