@@ -32,10 +32,12 @@ from wedetect.index.store import query_vectors  # noqa: E402
 CHUNK = 200_000  # index_search.py writes (and seeds) its rows in chunks of this size
 
 
-def vectors(syn: Synthetic, chunk: int) -> torch.Tensor:
-    """The stored [exp(s) e, b] rows of one chunk, exactly as index_search.py generated them."""
-    e, level = syn.embeddings(CHUNK, chunk)
-    v = np.zeros((CHUNK, EMBED_DIM + 1), np.float32)
+def vectors(syn: Synthetic, chunk: int, rows: int) -> torch.Tensor:
+    """The stored [exp(s) e, b] rows of one chunk, exactly as index_search.py generated them
+    (the draws depend on the chunk's length, so the last, shorter chunk must be asked as such)."""
+    n = min(CHUNK, rows - chunk * CHUNK)
+    e, level = syn.embeddings(n, chunk)
+    v = np.zeros((n, EMBED_DIM + 1), np.float32)
     v[:, :EMBED_DIM] = e * np.exp(LEVEL_SCALE[level])[:, None]
     v[:, EMBED_DIM] = LEVEL_BIAS[level]
     return torch.from_numpy(v)
@@ -59,7 +61,7 @@ def main() -> None:
     need = args.sample_per_partition * args.partitions
     parts = []
     for c in range(chunks):
-        v = vectors(syn, c)
+        v = vectors(syn, c, args.rows)
         parts.append(v[torch.randperm(len(v))[: need // chunks + 1]])
     train = torch.cat(parts)[:need]
 
@@ -87,9 +89,9 @@ def main() -> None:
     cell: dict[int, int] = {}
     for c in sorted({row // CHUNK for rows in truth for row in rows}):
         rows = sorted({row for rows in truth for row in rows if row // CHUNK == c})
-        cells = assign(prep(vectors(syn, c)[torch.tensor(rows) % CHUNK]))
+        cells = assign(prep(vectors(syn, c, args.rows)[torch.tensor(rows) % CHUNK]))
         cell.update(zip(rows, cells.tolist()))
-    sizes = torch.bincount(assign(prep(vectors(syn, chunks - 1))), minlength=args.partitions).float()
+    sizes = torch.bincount(assign(prep(vectors(syn, 0, args.rows))), minlength=args.partitions).float()
     sizes *= args.rows / sizes.sum()
     q = torch.from_numpy(query_vectors(torch.from_numpy(syn.queries(len(truth))), EMBED_DIM + 1))
     ranked = (prep(q) @ centroids.T).argsort(1, descending=True)

@@ -33,6 +33,25 @@ def test_index_search_benchmark_probing_everything_is_exact(tmp_path):
     assert sweep[4]["speedup_vs_exact_single_query"] > 0  # the ratio to brute force, same run
     assert result["indexing"]["images"] == 3 and result["indexing"]["proposals_per_s"] > 0
 
+    # ivf_partition_sim.py regenerates the rows from their ids: the saved exact top-100 must be the
+    # top-100 of the regenerated rows.
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import numpy as np
+    import torch
+    from index_search import EMBED_DIM, PER_IMAGE, Synthetic
+    from ivf_partition_sim import vectors
+
+    from wedetect.index.store import query_vectors
+
+    syn = Synthetic(8)
+    rows = vectors(syn, 0, 3000)
+    q = torch.from_numpy(query_vectors(torch.from_numpy(syn.queries(4)), EMBED_DIM + 1))
+    truth = json.loads((tmp_path / "rows3000_float32" / "exact_q4_k100.json").read_text())["truth"]
+    for qi, t in enumerate(truth):
+        top = set(torch.topk(rows @ q[qi], 100).indices.tolist())
+        assert top == {img * PER_IMAGE + rank for img, rank in t}, qi
+    assert np.isfinite(rows.numpy()).all()
+
 
 @pytest.mark.slow
 def test_detector_benchmark_prints_ratios_for_each_path(tmp_path):
