@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from ..errors import WeDetectError
-from ..index.store import DEFAULT_NPROBES, DEFAULT_REFINE_FACTOR
+from ..index.store import ANN_METRICS, DEFAULT_ANN_METRIC, DEFAULT_NPROBES, DEFAULT_REFINE_FACTOR
 from .common import (
     BatchSize,
     Checkpoint,
@@ -87,7 +87,9 @@ def add(
         help=f"(Re)build the ANN (IVF) index (default: build one when >= {ANN_MIN_PROPOSALS:,} proposals and none exists).",
     ),
     ann_metric: str = typer.Option(
-        "cosine", "--ann-metric", help="IVF partitions by cosine (direction), dot or l2; hits are always ranked exactly."
+        DEFAULT_ANN_METRIC,
+        "--ann-metric",
+        help=f"IVF partitions by {', '.join(ANN_METRICS)} (cosine: direction); hits are always ranked exactly.",
     ),
     ann_partitions: Optional[int] = typer.Option(
         None, "--ann-partitions", min=1, help="IVF partitions (default: one per ~8k proposals)."

@@ -25,11 +25,11 @@ _AREA_EPS = 1e-3
 _FIXED_ONE = 2048  # OpenCV's INTER_RESIZE_COEF_SCALE
 
 
-@lru_cache(maxsize=32)  # a few image sizes recur; one matrix of a 4k image is ~20 MB
+@lru_cache(maxsize=32)  # a few image sizes recur
 def _linear_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """OpenCV INTER_LINEAR for uint8: half-pixel centres in float32, edge taps clamped, and the two
     weights rounded to 11-bit fixed point. Returns (left index, right index, left weight, right weight)."""
-    j0, w1 = np.zeros(dst, np.int64), np.zeros(dst, np.float32)
+    j0, frac = np.zeros(dst, np.int64), np.zeros(dst, np.float32)
     scale = src / dst
     for i in range(dst):
         x = np.float32((i + 0.5) * scale - 0.5)
@@ -39,9 +39,9 @@ def _linear_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
             j, f = 0, np.float32(0)
         if j >= src - 1:
             j, f = src - 1, np.float32(0)
-        j0[i], w1[i] = j, f
+        j0[i], frac[i] = j, f
     one = np.float32(_FIXED_ONE)
-    a0, a1 = np.rint((np.float32(1) - w1) * one), np.rint(w1 * one)
+    a0, a1 = np.rint((np.float32(1) - frac) * one), np.rint(frac * one)
     return j0, np.minimum(j0 + 1, src - 1), a0.astype(np.int32), a1.astype(np.int32)
 
 

@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from wedetect.errors import WeDetectError
 from wedetect.index.store import (
+    DEFAULT_ANN_METRIC,
     DEFAULT_NPROBES,
     DEFAULT_REFINE_FACTOR,
     EXACT_CHUNK_ROWS,
@@ -32,11 +33,11 @@ from wedetect.index.store import (
     RawHits,
     VectorStore,
     best_by_logit,
+    check_ann_metric,
     exact_search,
 )
 
 _DELETE_CHUNK = 1000
-_META_COLUMNS = ["image_id", "rank", "box", "score", "level", "logit_scale", "logit_bias"]
 # Exact search keeps the proposals in memory between queries up to this size.
 _CACHE_BYTES = 2 << 30
 
@@ -58,6 +59,9 @@ def _proposal_schema(vector_dim: int, vector_dtype: str = "float32") -> pa.Schem
         ]
     )
 
+
+# Every proposal column but the vector: what ANN search reads for its winners only.
+_META_COLUMNS = [name for name in _proposal_schema(1).names if name != "vector"]
 
 _IMAGE_SCHEMA = pa.schema(
     [
@@ -105,21 +109,18 @@ def _fixed(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 
 def arrow_to_batch(t: pa.Table | pa.RecordBatch) -> ProposalBatch:
-    def fixed(name: str) -> np.ndarray:
-        return _fixed(t.column(name))
-
     def flat(name: str) -> np.ndarray:
         return np.array(t.column(name).to_numpy(zero_copy_only=False))
 
     return ProposalBatch(
         image_id=flat("image_id"),
         rank=flat("rank"),
-        box=fixed("box"),
+        box=_fixed(t.column("box")),
         score=flat("score"),
         level=flat("level"),
         logit_scale=flat("logit_scale"),
         logit_bias=flat("logit_bias"),
-        vector=fixed("vector"),
+        vector=_fixed(t.column("vector")),
     )
 
 
@@ -277,7 +278,7 @@ class LanceDBStore(VectorStore):
         self,
         *,
         index_type: str = "IVF_RQ",
-        metric: str = "cosine",
+        metric: str = DEFAULT_ANN_METRIC,
         num_partitions: int | None = None,
         num_sub_vectors: int | None = None,
         **_,
@@ -293,8 +294,7 @@ class LanceDBStore(VectorStore):
         }
         if index_type not in configs:
             raise WeDetectError(f"unknown ANN index type {index_type!r} (one of {', '.join(configs)})")
-        if metric not in ("cosine", "dot", "l2"):
-            raise WeDetectError(f"unknown ANN metric {metric!r} (cosine, dot or l2)")
+        check_ann_metric(metric)
         n = self.count_proposals()
         if n < 256:
             raise WeDetectError(

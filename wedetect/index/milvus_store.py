@@ -23,6 +23,7 @@ import numpy as np
 
 from wedetect.errors import WeDetectError
 from wedetect.index.store import (
+    DEFAULT_ANN_METRIC,
     DEFAULT_NPROBES,
     DEFAULT_REFINE_FACTOR,
     EXACT_CHUNK_ROWS,
@@ -33,6 +34,7 @@ from wedetect.index.store import (
     ProposalBatch,
     RawHits,
     VectorStore,
+    check_ann_metric,
     exact_search,
 )
 
@@ -245,20 +247,24 @@ class MilvusStore(VectorStore):
         for rows in self._iterate(self._p, _PROPOSAL_FIELDS, batch_rows):
             yield self._to_batch(rows)
 
+    def _ann_info(self) -> dict | None:
+        """The description of the vector index when it is approximate (not ``FLAT``), else None."""
+        info = self._client.describe_index(self._p, index_name="vector") or {}
+        return info if info.get("index_type", "FLAT") != "FLAT" else None
+
     def has_ann_index(self) -> bool:
-        info = self._client.describe_index(self._p, index_name="vector")
-        return bool(info) and info.get("index_type") != "FLAT"
+        return self._ann_info() is not None
 
     def search(self, queries: np.ndarray, limit: int, *, exact: bool | None = None, **ann) -> list[RawHits]:
         if limit <= 0:
             raise WeDetectError("search limit must be positive")
-        if limit > _MAX_LIMIT or (exact and self.has_ann_index()):
+        info = self._ann_info()  # one server round trip per search
+        if limit > _MAX_LIMIT or (exact and info):
             # Beyond Milvus' top-k cap, or exact asked of an ANN index: stream and scan.
             return exact_search(self.iter_proposals(), queries, limit, device=self.device)
-        info = self._client.describe_index(self._p, index_name="vector") or {}
-        approximate = info.get("index_type", "FLAT") != "FLAT"
-        candidates = min(_MAX_LIMIT, limit * int(ann.get("refine_factor", DEFAULT_REFINE_FACTOR))) if approximate else limit
-        params = {"metric_type": info.get("metric_type", "IP"), "params": {"nprobe": int(ann.get("nprobes", DEFAULT_NPROBES))}}
+        candidates = min(_MAX_LIMIT, limit * int(ann.get("refine_factor", DEFAULT_REFINE_FACTOR))) if info else limit
+        metric = info["metric_type"] if info else "IP"
+        params = {"metric_type": metric, "params": {"nprobe": int(ann.get("nprobes", DEFAULT_NPROBES))}}
         res = self._client.search(
             self._p,
             data=[np.asarray(q, np.float32) for q in queries],
@@ -271,10 +277,9 @@ class MilvusStore(VectorStore):
         return [RawHits.rerank(self._to_batch([h["entity"] for h in hits]), q, limit) for q, hits in zip(queries, res)]
 
     def build_ann_index(
-        self, *, index_type: str = "IVF_FLAT", metric: str = "cosine", num_partitions: int | None = None, **_
+        self, *, index_type: str = "IVF_FLAT", metric: str = DEFAULT_ANN_METRIC, num_partitions: int | None = None, **_
     ) -> dict:
-        if metric not in ("cosine", "dot", "l2"):
-            raise WeDetectError(f"unknown ANN metric {metric!r} (cosine, dot or l2)")
+        check_ann_metric(metric)
         n = self.count_proposals()
         nlist = num_partitions or max(1, min(int(np.sqrt(n)), 65536))
         self._client.release_collection(self._p)

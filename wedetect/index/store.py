@@ -37,6 +37,9 @@ EXACT_CHUNK_ROWS = 65536
 # the latency of 32), and 10x top-k candidates re-ranked by the exact logit.
 DEFAULT_NPROBES = 64
 DEFAULT_REFINE_FACTOR = 10
+# IVF partition metrics (hits are ranked by the exact logit whatever the metric; docs/index.md).
+ANN_METRICS = ("cosine", "dot", "l2")
+DEFAULT_ANN_METRIC = "cosine"
 
 
 class ObjectIndexError(WeDetectError):
@@ -226,6 +229,12 @@ class RawHits:
         """The ``limit`` best ANN candidates by their exact logit."""
         order, logits = best_by_logit(candidates.vector, query, limit)
         return cls(candidates.take(order), logits)
+
+
+def check_ann_metric(metric: str) -> str:
+    if metric not in ANN_METRICS:
+        raise WeDetectError(f"unknown ANN metric {metric!r} ({', '.join(ANN_METRICS)})")
+    return metric
 
 
 def best_by_logit(vectors: np.ndarray, query: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
