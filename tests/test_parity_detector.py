@@ -144,12 +144,14 @@ def test_uni_parity(case: Path, official_checkpoint):
     rgb, _ = letterbox_uni(load_pil_rgb(image), uni.config.input_size)
     np.testing.assert_array_equal(rgb, ref["input_rgb_uint8"])
 
-    props = uni.propose(image, num_proposals=len(ref["scores"]), score_threshold=0.0)[0]
     n = len(ref["scores"])
     labels = np.zeros(n, dtype=np.int64)  # the official script returns no labels: match on box + score
-    match = match_detections(props.boxes.numpy(), props.scores.numpy(), np.zeros(len(props), dtype=np.int64),
-                             ref["bboxes"], ref["scores"], labels)
-    _close(props.embeddings.numpy()[match], ref["embeddings"], what="proposal embeddings")
+    for mode in ("reference", "fast"):  # the literal official order, and the exact shortcuts
+        uni.mode = mode
+        props = uni.propose(image, num_proposals=n, score_threshold=0.0)[0]
+        match = match_detections(props.boxes.numpy(), props.scores.numpy(), np.zeros(len(props), dtype=np.int64),
+                                 ref["bboxes"], ref["scores"], labels)
+        _close(props.embeddings.numpy()[match], ref["embeddings"], what=f"proposal embeddings ({mode})")
     # The stored per-box scale/bias reproduce each proposal's score from its embedding and prompt.
     prompts = uni.model.prompts.detach().float()[props.labels]
     logit = (props.embeddings * prompts).sum(-1) * props.logit_scale.exp() + props.logit_bias

@@ -6,7 +6,16 @@ import torch
 
 from torchvision.ops import nms
 
-from wedetect.postprocess import PostprocessConfig, detector_postprocess, detector_postprocess_fast, offset_batched_nms
+from wedetect.postprocess import (
+    PostprocessConfig,
+    UniPostprocessConfig,
+    detector_postprocess,
+    detector_postprocess_fast,
+    nms_best_prefix,
+    offset_batched_nms,
+    uni_postprocess,
+    uni_postprocess_fast,
+)
 from wedetect.structures import LetterboxMeta
 
 
@@ -79,3 +88,53 @@ def test_label_separation_check_is_exact():
             single = nms(shifted, scores, 0.7)
             assert set(single.tolist()) == set(_per_label_nms(shifted, scores, labels, 0.7).tolist())
     assert allowed > 0
+
+
+@pytest.mark.parametrize("n_priors, prompts, nms_pre, spread", [(2100, 16, 30000, 300.0), (8400, 32, 30000, 120.0),
+                                                                (600, 8, 900, 400.0), (300, 3, 700, 60.0)])
+@pytest.mark.parametrize("threshold", [0.0, 0.3])
+def test_uni_fast_equals_reference(n_priors, prompts, nms_pre, spread, threshold):
+    """Both torchvision regimes: per-prompt loop (many candidates) and one offset NMS (< 1000 on CPU)."""
+    logits, boxes = _inputs(n_priors, prompts, seed=n_priors * prompts, spread=spread)
+    meta = LetterboxMeta((480, 640), 640, (1.0, 1.0), (80.0, 80.0, 0.0, 0.0))
+    cfg = UniPostprocessConfig(nms_pre=nms_pre)
+    b, s, lab, prior = uni_postprocess(logits, boxes, meta, 300, cfg)
+    keep = s > threshold
+    fb, fs, flab, fprior = uni_postprocess_fast(logits, boxes, meta, 300, cfg, threshold)
+    assert len(fs) == int(keep.sum())
+    cut = float(s[-1]) if len(s) == 300 else -1.0
+    above, fast_above = keep & (s > cut), fs > cut
+    assert _as_set(fb[fast_above], fs[fast_above], flab[fast_above]) == _as_set(b[above], s[above], lab[above])
+    assert set(fprior[fast_above].tolist()) == set(prior[above].tolist())
+    torch.testing.assert_close(fs, s[keep])
+
+
+def test_nms_best_prefix_stops_early_and_never_splits_ties():
+    g = torch.Generator().manual_seed(0)
+    n = 5000
+    c = torch.rand(n, 2, generator=g) * 2000
+    boxes = torch.cat([c, c + 20], dim=1)  # sparse: few suppressions, so a short prefix holds 300 keeps
+    scores = (torch.rand(n, generator=g) * 50).round() / 50  # many ties, in no particular order
+    seen = []
+
+    def run(idx):
+        seen.append(idx)
+        assert torch.all(scores[idx][:-1] >= scores[idx][1:]), "prefix in descending score order"
+        return nms(boxes[idx], scores[idx], 0.7)
+
+    keep = nms_best_prefix(scores, n, 300, run)
+    full = nms(boxes, scores, 0.7)
+    assert len(seen[-1]) < n, "stopped before the whole list"
+    for idx in seen:
+        rest = torch.ones(n, dtype=torch.bool)
+        rest[idx] = False
+        assert len(idx) == n or scores[idx].min() > scores[rest].max(), "a prefix ended inside a tie group"
+    cut = scores[full[299]]  # members of the tie group at rank 300 may differ, as in the reference
+    assert len(keep) == 300
+    assert set(keep[scores[keep] > cut].tolist()) == set(full[:300][scores[full[:300]] > cut].tolist())
+    # Only the best n count as candidates.
+    assert nms_best_prefix(scores, 10, 300, lambda idx: nms(boxes[idx], scores[idx], 0.7)).numel() == 10
+    # Dense boxes: most are suppressed, the prefix grows to the whole list and returns every survivor.
+    dense = torch.tensor([[0.0, 0.0, 10.0, 10.0]]).repeat(n, 1)
+    out = nms_best_prefix(scores, n, 300, lambda idx: nms(dense[idx], scores[idx], 0.7))
+    assert out.numel() == 1 and scores[out[0]] == scores.max()

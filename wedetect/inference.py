@@ -19,7 +19,14 @@ from .data.letterbox import detector_geometry, letterbox_detector, letterbox_uni
 from .errors import WeDetectError
 from .models.detector import WeDetectClosedSetModel, WeDetectModel, WeDetectUniModel
 from .models.head import flatten_levels
-from .postprocess import PostprocessConfig, detector_postprocess, detector_postprocess_fast, uni_postprocess
+from .postprocess import (
+    PostprocessConfig,
+    UniPostprocessConfig,
+    detector_postprocess,
+    detector_postprocess_fast,
+    uni_postprocess,
+    uni_postprocess_fast,
+)
 from .structures import Detections, LetterboxMeta
 
 BLANK_PROMPT = " "  # the official demo appends this prompt after the user's classes
@@ -55,6 +62,13 @@ def _as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+POSTPROCESS_MODES = ("fast", "reference")
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in POSTPROCESS_MODES:
+        raise WeDetectError(f"mode must be 'fast' or 'reference', not {mode!r}")
+    return mode
 
 
 class _Runner:
@@ -201,9 +215,7 @@ class WeDetect(_Runner):
         postprocess: PostprocessConfig = PostprocessConfig(),
         mode: str = "fast",
     ) -> None:
-        if mode not in ("fast", "reference"):
-            raise WeDetectError(f"mode must be 'fast' or 'reference', not {mode!r}")
-        self.mode = mode
+        self.mode = _check_mode(mode)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         self.model = model.eval().to(self.device)
@@ -390,8 +402,16 @@ class WeDetect(_Runner):
 class WeDetectUni(_Runner):
     """Class-agnostic proposals with per-box embeddings, as the official proposal script computes them."""
 
-    def __init__(self, model: WeDetectUniModel, device: str | torch.device | None = "cpu",
-                 dtype: str | torch.dtype = "float32") -> None:
+    def __init__(
+        self,
+        model: WeDetectUniModel,
+        device: str | torch.device | None = "cpu",
+        dtype: str | torch.dtype = "float32",
+        postprocess: UniPostprocessConfig = UniPostprocessConfig(),
+        mode: str = "fast",
+    ) -> None:
+        self.mode = _check_mode(mode)
+        self.postprocess_cfg = postprocess
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         self.model = model.eval().to(self.device, self.dtype)
@@ -404,9 +424,12 @@ class WeDetectUni(_Runner):
         device: str | torch.device | None = "cpu",
         dtype: str | torch.dtype = "float32",
         strict: bool = True,
+        mode: str = "fast",
     ) -> "WeDetectUni":
+        """Load an official Uni checkpoint. ``mode`` as for ``WeDetect.from_pretrained`` (see
+        ``postprocess.uni_postprocess_fast``)."""
         model = build_from_checkpoint(load_official(checkpoint, "uni"), size=size, strict=strict)
-        return cls(model, device=device, dtype=dtype)
+        return cls(model, device=device, dtype=dtype, mode=mode)
 
     @property
     def config(self) -> ModelConfig:
@@ -454,7 +477,11 @@ class WeDetectUni(_Runner):
             embeds, logits, boxes, levels = self.forward_raw(batch)
             out = []
             for emb, lg, bx, meta in zip(embeds, logits, boxes, metas):
-                b, s, lab, prior = uni_postprocess(lg, bx, meta, num_proposals=num_proposals)
+                if self.mode == "fast":
+                    b, s, lab, prior = uni_postprocess_fast(lg, bx, meta, num_proposals, self.postprocess_cfg,
+                                                            score_threshold)
+                else:
+                    b, s, lab, prior = uni_postprocess(lg, bx, meta, num_proposals, self.postprocess_cfg)
                 keep = s > score_threshold
                 b, s, lab, prior = b[keep], s[keep], lab[keep], prior[keep]
                 lvl = levels[prior]

@@ -6,12 +6,16 @@ Detector (per image): sigmoid -> keep (prior, class) pairs above ``score_thr`` -
 Uni (per image): sigmoid -> pairs above 0 -> best ``nms_pre`` -> torchvision ``batched_nms`` per
 prompt -> best ``num_proposals`` -> map to the original image -> clamp.
 
+The ``*_fast`` variants return the same detections with exact shortcuts (``topk`` cuts, a score
+pre-filter, NMS over the shortest prefix of the candidates that holds the final keeps).
+
 Exact score ties are common, so every sort here is the same (unstable, CPU-deterministic)
 ``torch.sort`` the official code calls; changing a sort changes which tied pairs survive.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torchvision.ops import batched_nms as tv_batched_nms
@@ -58,22 +62,61 @@ def offset_batched_nms(
     """
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    offsets = labels.to(boxes) * (boxes.max() + torch.tensor(1).to(boxes))
-    shifted = boxes + offsets[:, None]
+    shifted = _shift(boxes, labels, boxes.max() + torch.tensor(1).to(boxes))
     if shifted.shape[0] < _SPLIT_THR:
         return nms(shifted, scores, iou_threshold)
     return _per_label_nms(shifted, scores, labels, iou_threshold)
 
 
-def _per_label_nms(shifted: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou: float) -> torch.Tensor:
-    """Greedy NMS within each label (ascending labels); survivors sorted by score."""
+def _shift(boxes: torch.Tensor, labels: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """The offset trick: every box moved by ``label * unit`` so that labels cannot overlap."""
+    return boxes + (labels.to(boxes) * unit)[:, None]
+
+
+def _per_label_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou: float) -> torch.Tensor:
+    """Greedy NMS within each label (ascending labels); survivors sorted by score.
+
+    Each label's NMS sees its candidates in list order, as ``boxes[labels == label]`` would give them:
+    a stable sort by label makes them contiguous, so the loop only slices.
+    """
+    order = labels.argsort(stable=True)
+    boxes, scores_by_label = boxes[order], scores[order]
     keep_mask = torch.zeros_like(scores, dtype=torch.bool)
-    for label in torch.unique(labels):
-        idx = (labels == label).nonzero().view(-1)
-        keep_mask[idx[nms(shifted[idx], scores[idx], iou)]] = True
+    start = 0
+    for count in torch.unique_consecutive(labels[order], return_counts=True)[1].tolist():
+        end = start + count
+        keep_mask[order[start + nms(boxes[start:end], scores_by_label[start:end], iou)]] = True
+        start = end
     keep = keep_mask.nonzero().view(-1)
     _, order = scores[keep].sort(descending=True)
     return keep[order]
+
+
+def nms_best_prefix(
+    scores: torch.Tensor, n: int, max_keep: int, run: Callable[[torch.Tensor], torch.Tensor], start: int | None = None
+) -> torch.Tensor:
+    """The best ``max_keep`` survivors of a greedy NMS over the best ``n`` of ``scores`` (1-D, any
+    order), computed on as few of them as possible; returns indices into ``scores``, best first.
+
+    ``run(idx)`` gets the indices of the best m candidates in descending score order and returns the
+    NMS survivors among them as positions into ``idx``, sorted by score. Greedy NMS lets a box be
+    suppressed only by a higher-scoring one, so the survivors among a prefix are the full run's
+    survivors restricted to it; once a prefix holds ``max_keep`` of them they are the final ones. The
+    prefix grows 4x until then and never ends inside a group of tied scores. Only the prefix is ever
+    ordered (a ``topk``), never all ``n`` candidates.
+    """
+    m = min(n, start or 4 * max_keep)
+    while True:
+        top, idx = scores.topk(m)
+        if m < n:
+            closed = min(n, int((scores >= top[-1]).sum()))
+            if closed > m:
+                m = closed
+                top, idx = scores.topk(m)
+        keep = idx[run(idx)]
+        if keep.numel() >= max_keep or m >= n:
+            return keep[:max_keep]
+        m = min(n, 4 * m)
 
 
 def to_original(boxes: torch.Tensor, meta: LetterboxMeta) -> torch.Tensor:
@@ -138,6 +181,8 @@ def detector_postprocess_fast(
       by a higher-scoring one, so the survivors above the threshold do not depend on them. The label
       offset (from the max coordinate over ALL candidates) and the one-NMS/per-label choice (from the
       candidate count) are kept, so every IoU is computed from the same float32 coordinates;
+    - NMS runs on the shortest prefix of the sorted candidates that holds the ``max_per_img`` keeps
+      (``nms_best_prefix``);
     - on a GPU, above 10000 candidates the per-label loop becomes one NMS over the offset boxes whenever
       no pair of boxes of different labels can reach IoU > threshold after the offset (checked exactly).
     Only the order among exactly tied scores may differ from the reference path.
@@ -155,17 +200,28 @@ def detector_postprocess_fast(
     prior, labels = idx // num_classes, idx % num_classes
     cand = to_original(boxes[prior], meta)
     offset_unit = cand.max() + 1
-    sel = (cand_scores > threshold).nonzero().view(-1)
     split = idx.numel() >= _SPLIT_THR
-    cand, cand_scores, labels = cand[sel], cand_scores[sel], labels[sel]
-    shifted = cand + (labels.to(cand) * offset_unit)[:, None]
-    # One NMS call is one kernel on a GPU; on a CPU it costs O(n^2) over all labels, the loop far less.
-    if not split or (shifted.is_cuda and _labels_cannot_meet(cand, shifted, labels, offset_unit, cfg.iou_threshold)):
-        keep = nms(shifted, cand_scores, cfg.iou_threshold)
-    else:
-        keep = _per_label_nms(shifted, cand_scores, labels, cfg.iou_threshold)
-    keep = keep[: cfg.max_per_img]
+    shifted = _shift(cand, labels, offset_unit)
+    iou = cfg.iou_threshold
+
+    def run(pos: torch.Tensor) -> torch.Tensor:
+        b, s, lab = shifted[pos], cand_scores[pos], labels[pos]
+        # One NMS call is one kernel on a GPU; on a CPU the per-label loop is cheaper for many boxes.
+        if not split or (b.is_cuda and _labels_cannot_meet(cand[pos], b, lab, offset_unit, iou)):
+            return nms(b, s, iou)
+        return _per_label_nms(b, s, lab, iou)
+
+    n = int((cand_scores > threshold).sum())
+    keep = nms_best_prefix(cand_scores, n, cfg.max_per_img, run)
     return clamp_to_image(cand[keep], meta), cand_scores[keep], labels[keep]
+
+
+@dataclass(frozen=True)
+class UniPostprocessConfig:
+    """Official proposal settings: every pair above 0, best 30000, NMS 0.7 per prompt."""
+
+    nms_pre: int = 30000
+    iou_threshold: float = 0.7
 
 
 def uni_postprocess(
@@ -173,12 +229,44 @@ def uni_postprocess(
     boxes: torch.Tensor,
     meta: LetterboxMeta,
     num_proposals: int = 300,
-    nms_pre: int = 30000,
-    iou_threshold: float = 0.7,
+    cfg: UniPostprocessConfig = UniPostprocessConfig(),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One image: objectness logits (N, P) and boxes (N, 4) -> (boxes, scores, prompt ids, prior ids)."""
-    scores, prior_idx, labels = filter_scores_and_topk(logits.sigmoid(), 0.0, nms_pre)
+    scores, prior_idx, labels = filter_scores_and_topk(logits.sigmoid(), 0.0, cfg.nms_pre)
     cand = boxes[prior_idx].float()
-    keep = tv_batched_nms(cand, scores.float(), labels, iou_threshold)[:num_proposals]
+    keep = tv_batched_nms(cand, scores.float(), labels, cfg.iou_threshold)[:num_proposals]
     out = clamp_to_image(to_original(cand[keep], meta), meta)
     return out, scores[keep], labels[keep], prior_idx[keep]
+
+
+def uni_postprocess_fast(
+    logits: torch.Tensor,
+    boxes: torch.Tensor,
+    meta: LetterboxMeta,
+    num_proposals: int = 300,
+    cfg: UniPostprocessConfig = UniPostprocessConfig(),
+    threshold: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``uni_postprocess`` followed by ``score > threshold``, with the detector's exact shortcuts:
+    ``topk`` for the ``nms_pre`` cut (no full sort of all prior x prompt pairs), pairs at or below
+    ``threshold`` dropped before NMS, NMS on the shortest prefix that holds the keeps. Each prefix is
+    suppressed as torchvision's ``batched_nms`` would the whole candidate list: per prompt above its
+    size switch, else one NMS over boxes offset by the maximum coordinate of all candidates.
+    """
+    scores = logits.sigmoid().flatten()
+    num_prompts = logits.shape[1]
+    n = min(cfg.nms_pre, int((scores > 0).sum()))  # the candidates the reference suppresses
+    # torchvision's batched_nms switch: per-class loop above 4000 coordinates on CPU, 20000 elsewhere;
+    # below it one NMS over boxes offset by the largest coordinate of all n candidates.
+    per_label = 4 * n > (4000 if boxes.device.type == "cpu" else 20000)
+    unit = None if per_label or n == 0 else boxes[scores.topk(n)[1] // num_prompts].float().max() + 1
+    iou = cfg.iou_threshold
+
+    def run(idx: torch.Tensor) -> torch.Tensor:
+        b, s, lab = boxes[idx // num_prompts].float(), scores[idx], idx % num_prompts
+        return _per_label_nms(b, s, lab, iou) if unit is None else nms(_shift(b, lab, unit), s, iou)
+
+    keep = nms_best_prefix(scores, min(n, int((scores > threshold).sum())), num_proposals, run)
+    prior, labels = keep // num_prompts, keep % num_prompts
+    out = clamp_to_image(to_original(boxes[prior].float(), meta), meta)
+    return out, scores[keep], labels, prior
