@@ -66,3 +66,12 @@ def test_detector_benchmark_prints_ratios_for_each_path(tmp_path):
                       ("device_letterbox", "net", "-"), ("device_letterbox", "e2e", "fast")}  # fmt: skip
     fast = [r for r in rows if r["mode"] == "fast"]
     assert all(r["speedup_vs_reference"] > 0 and r["img_per_s"] > 0 for r in fast)
+
+
+def test_postprocess_benchmark_times_both_modes_and_checks_they_agree():
+    proc = _run("benchmarks/bench_postprocess.py", "--images", "1", "--iters", "1", "--objects", "8")
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [(r["kind"], r["threshold"]) for r in rows] == [("detector", 0.001), ("detector", 0.3), ("uni", 0.0), ("uni", 0.1)]
+    assert all(r["same_scores"] for r in rows), rows
+    assert all(r["reference_ms"] > 0 and r["fast_ms"] > 0 and r["speedup"] > 0 for r in rows)
+    assert "| fast / reference |" in proc.stdout
