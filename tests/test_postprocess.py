@@ -11,6 +11,7 @@ from wedetect.postprocess import (
     UniPostprocessConfig,
     detector_postprocess,
     detector_postprocess_fast,
+    _topk,
     nms_best_prefix,
     offset_batched_nms,
     uni_postprocess,
@@ -138,3 +139,15 @@ def test_nms_best_prefix_stops_early_and_never_splits_ties():
     dense = torch.tensor([[0.0, 0.0, 10.0, 10.0]]).repeat(n, 1)
     out = nms_best_prefix(scores, n, 300, lambda idx: nms(dense[idx], scores[idx], 0.7))
     assert out.numel() == 1 and scores[out[0]] == scores.max()
+
+
+@pytest.mark.parametrize("k", [0, 1, 300, 1200, 4800, 30000])
+@pytest.mark.parametrize("ties", [False, True])
+def test_sampled_topk_equals_topk(k, ties):
+    g = torch.Generator().manual_seed(k)
+    scores = (torch.randn(700_000, generator=g) * 2 - 6).sigmoid()
+    if ties:
+        scores = (scores * 64).round() / 64  # a few values only: the pool guess is far off
+    values, idx = _topk(scores, k)
+    torch.testing.assert_close(values, scores.topk(k).values, rtol=0, atol=0)
+    assert torch.equal(scores[idx], values) and idx.unique().numel() == k

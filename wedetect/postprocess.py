@@ -107,16 +107,32 @@ def nms_best_prefix(
     """
     m = min(n, start or 4 * max_keep)
     while True:
-        top, idx = scores.topk(m)
+        top, idx = _topk(scores, m)
         if m < n:
             closed = min(n, int((scores >= top[-1]).sum()))
             if closed > m:
                 m = closed
-                top, idx = scores.topk(m)
+                top, idx = _topk(scores, m)
         keep = idx[run(idx)]
         if keep.numel() >= max_keep or m >= n:
             return keep[:max_keep]
         m = min(n, 4 * m)
+
+
+def _topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scores.topk(k)`` (1-D), cheaper when k is far below ``scores.numel()``: a strided sample guesses
+    a value q that about 2k scores reach; if at least k do, the best k all lie among them."""
+    n = scores.numel()
+    stride = n // (16 * k) if k else 0
+    if stride < 2:
+        return scores.topk(k)
+    sample = scores[::stride]
+    q = sample.topk(min(sample.numel(), 2 * -(-k // stride)))[0][-1]
+    pool = (scores >= q).nonzero().view(-1)
+    if pool.numel() < k:
+        return scores.topk(k)
+    top, i = scores[pool].topk(k)
+    return top, pool[i]
 
 
 def to_original(boxes: torch.Tensor, meta: LetterboxMeta) -> torch.Tensor:
@@ -191,7 +207,7 @@ def detector_postprocess_fast(
     num_classes = logits.shape[1]
     passed = scores > cfg.score_thr
     if int(passed.sum()) > cfg.nms_pre:
-        cand_scores, idx = scores.topk(cfg.nms_pre)
+        cand_scores, idx = _topk(scores, cfg.nms_pre)
     else:
         idx = passed.nonzero().view(-1)
         cand_scores = scores[idx]
@@ -259,7 +275,7 @@ def uni_postprocess_fast(
     # torchvision's batched_nms switch: per-class loop above 4000 coordinates on CPU, 20000 elsewhere;
     # below it one NMS over boxes offset by the largest coordinate of all n candidates.
     per_label = 4 * n > (4000 if boxes.device.type == "cpu" else 20000)
-    unit = None if per_label or n == 0 else boxes[scores.topk(n)[1] // num_prompts].float().max() + 1
+    unit = None if per_label or n == 0 else boxes[_topk(scores, n)[1] // num_prompts].float().max() + 1
     iou = cfg.iou_threshold
 
     def run(idx: torch.Tensor) -> torch.Tensor:
