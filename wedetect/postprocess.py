@@ -93,7 +93,7 @@ def _per_label_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tens
 
 
 def nms_best_prefix(
-    scores: torch.Tensor, n: int, max_keep: int, run: Callable[[torch.Tensor], torch.Tensor], start: int | None = None
+    scores: torch.Tensor, n: int, max_keep: int, run: Callable[[torch.Tensor], torch.Tensor]
 ) -> torch.Tensor:
     """The best ``max_keep`` survivors of a greedy NMS over the best ``n`` of ``scores`` (1-D, any
     order), computed on as few of them as possible; returns indices into ``scores``, best first.
@@ -102,10 +102,10 @@ def nms_best_prefix(
     NMS survivors among them as positions into ``idx``, sorted by score. Greedy NMS lets a box be
     suppressed only by a higher-scoring one, so the survivors among a prefix are the full run's
     survivors restricted to it; once a prefix holds ``max_keep`` of them they are the final ones. The
-    prefix grows 4x until then and never ends inside a group of tied scores. Only the prefix is ever
-    ordered (a ``topk``), never all ``n`` candidates.
+    prefix starts at 4 x ``max_keep``, grows 4x until then and never ends inside a group of tied
+    scores. Only the prefix is ever ordered (a ``topk``), never all ``n`` candidates.
     """
-    m = min(n, start or 4 * max_keep)
+    m = min(n, 4 * max_keep)
     while True:
         top, idx = _topk(scores, m)
         if m < n:
