@@ -1,6 +1,8 @@
 """The public Python API on the official tiny layout: classes, batching, inputs, errors, precision."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -99,16 +101,18 @@ def test_bad_input_errors(model, tmp_path, demo_image):
             raise WeDetectError("CUDA is not available (skipped on GPU machines)")
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
 @pytest.mark.parametrize("dtype, score_tol", [("bfloat16", 0.05), ("float16", 0.01)])
-def test_half_precision_close_to_float32(official_checkpoint, tiny_tokenizer, demo_image, dtype, score_tol):
-    """Documented tolerance: fp16 scores within 0.01 and bf16 within 0.05 of fp32 for the top boxes,
-    and the top detections overlap their fp32 counterparts (IoU > 0.9)."""
+def test_half_precision_close_to_float32(official_checkpoint, tiny_tokenizer, demo_image, dtype, score_tol, device):
+    """Documented tolerance: fp16 scores within 0.01 and bf16 within 0.05 of fp32 (CPU) for the top
+    boxes, and the top detections overlap their fp32 counterparts (IoU > 0.9)."""
     from torchvision.ops import box_iou
 
     ref_model = WeDetect.from_pretrained(official_checkpoint("keys_detector_tiny.json"), tokenizer=tiny_tokenizer)
     ref_model.set_classes(["鞋", "床"])
     ref = ref_model.predict(demo_image, threshold=0.0, max_detections=20)[0]
-    half = WeDetect(ref_model.model, tokenizer=ref_model.tokenizer, dtype=dtype)
+    half = WeDetect(copy.deepcopy(ref_model.model), tokenizer=ref_model.tokenizer, dtype=dtype, device=device)
     half.set_classes(["鞋", "床"])
     out = half.predict(demo_image, threshold=0.0, max_detections=20)[0]
     assert out.boxes.dtype == torch.float32

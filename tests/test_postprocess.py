@@ -34,10 +34,16 @@ def _as_set(b, s, lab):
     return {(int(l_), round(float(s_), 6), tuple(round(float(v), 3) for v in bb)) for bb, s_, l_ in zip(b, s, lab)}
 
 
+# The GPU runs other NMS regimes (one NMS over offset boxes where labels cannot meet; torchvision's
+# per-class switch at 20000 coordinates), so the equality tests also run on CUDA when present.
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("n_priors, k, spread", [(400, 3, 60.0), (2100, 5, 400.0), (8400, 4, 150.0), (8400, 8, 900.0)])
 @pytest.mark.parametrize("threshold", [0.0, 0.3, 0.6])
-def test_fast_equals_reference(n_priors, k, spread, threshold):
-    logits, boxes = _inputs(n_priors, k, seed=n_priors + k, spread=spread)
+def test_fast_equals_reference(n_priors, k, spread, threshold, device):
+    logits, boxes = (t.to(device) for t in _inputs(n_priors, k, seed=n_priors + k, spread=spread))
     meta = LetterboxMeta((720, 1280), 640, (0.5, 0.5), (140.0, 140.0, 0.0, 0.0))
     cfg = PostprocessConfig()
     b, s, lab = detector_postprocess(logits, boxes, meta, cfg)
@@ -94,9 +100,10 @@ def test_label_separation_check_is_exact():
 @pytest.mark.parametrize("n_priors, prompts, nms_pre, spread", [(2100, 16, 30000, 300.0), (8400, 32, 30000, 120.0),
                                                                 (600, 8, 900, 400.0), (300, 3, 700, 60.0)])
 @pytest.mark.parametrize("threshold", [0.0, 0.3])
-def test_uni_fast_equals_reference(n_priors, prompts, nms_pre, spread, threshold):
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_uni_fast_equals_reference(n_priors, prompts, nms_pre, spread, threshold, device):
     """Both torchvision regimes: per-prompt loop (many candidates) and one offset NMS (< 1000 on CPU)."""
-    logits, boxes = _inputs(n_priors, prompts, seed=n_priors * prompts, spread=spread)
+    logits, boxes = (t.to(device) for t in _inputs(n_priors, prompts, seed=n_priors * prompts, spread=spread))
     meta = LetterboxMeta((480, 640), 640, (1.0, 1.0), (80.0, 80.0, 0.0, 0.0))
     cfg = UniPostprocessConfig(nms_pre=nms_pre)
     b, s, lab, prior = uni_postprocess(logits, boxes, meta, 300, cfg)

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The measurements and checks that need a GPU, in parts that each fit a 10-minute call.
+#
+#   bash benchmarks/gpu_checks.sh PART [OUT_DIR]
+#
+# PART: tests     the CUDA variants of the tests (fast == reference post-processing, half precision, Ref)
+#       post      post-processing alone, reference vs fast (bench_postprocess.py)
+#       detector  Base/Large, batch 1 and 16, fp32 and fp16, reference vs fast (bench_detector.py)
+#       uni       the same for WeDetect-Uni proposals
+#       accel     Base fp16: channels_last, CUDA graphs and device letterboxing against the plain path
+#       train     training throughput and share of the FLOP bound (bench_train.py)
+# Each part writes OUT_DIR/PART.txt (default benchmarks/gpu_results; give $OUT on the device machine)
+# and, where the script has one, OUT_DIR/PART.json. Record the tables, with the device name they
+# print, in benchmarks/README.md.
+set -euo pipefail
+part=${1:?usage: gpu_checks.sh tests|post|detector|uni|accel|train [OUT_DIR]}
+cd "$(dirname "$0")/.."
+out=${2:-benchmarks/gpu_results}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+bench() { "$py" "benchmarks/$1" "${@:2}" 2>&1 | tee "$out/$part.txt"; }
+
+case "$part" in
+  tests)
+    "$py" -m pytest -q -p no:cacheprovider tests/test_postprocess.py tests/test_api.py tests/ref/test_ref_api.py -k cuda \
+      2>&1 | tee "$out/$part.txt" ;;
+  post)
+    bench bench_postprocess.py --device cuda --iters 10 ;;
+  detector)
+    bench bench_detector.py --sizes base large --batches 1 16 --dtypes float32 float16 --device cuda \
+      --json "$out/$part.json" ;;
+  uni)
+    bench bench_detector.py --kinds uni --sizes base large --batches 1 16 --dtypes float16 --device cuda \
+      --json "$out/$part.json" ;;
+  accel)
+    bench bench_detector.py --sizes base --batches 1 16 --dtypes float16 --device cuda --accel none \
+      channels_last cudagraphs channels_last+cudagraphs device_letterbox channels_last+cudagraphs+device_letterbox \
+      --json "$out/$part.json" ;;
+  train)
+    bench bench_train.py --device cuda --sizes tiny base large --precisions fp32 tf32 bf16 fp16 \
+      --json "$out/$part.json" ;;
+  *)
+    echo "gpu_checks.sh: unknown part '$part' (tests, post, detector, uni, accel, train)" >&2; exit 2 ;;
+esac
