@@ -18,6 +18,7 @@ indexing throughput of ``build_index`` on real image files with a model-free pro
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -182,6 +183,7 @@ def main() -> None:
     ap.add_argument("--sub-vectors", type=int, default=None)
     ap.add_argument("--nprobes", default="32", help="comma-separated values to sweep")
     ap.add_argument("--refine-factor", default="10", help="comma-separated values to sweep")
+    ap.add_argument("--exact-rerank", default="1", help="comma-separated values to sweep (LanceDB; 1: off)")
     ap.add_argument("--exact-runs", type=int, default=1, help="single-query brute-force passes timed")
     ap.add_argument("--pipeline-images", type=int, default=64, help="images for the indexing-throughput run (0: skip)")
     ap.add_argument(
@@ -245,8 +247,9 @@ def main() -> None:
 
     result["search"] = []
     for nprobes in map(int, args.nprobes.split(",")):
-        for refine in map(int, args.refine_factor.split(",")):
-            opts = {"nprobes": nprobes, "refine_factor": refine}
+        sweep = itertools.product(map(int, args.refine_factor.split(",")), map(int, args.exact_rerank.split(",")))
+        for refine, rerank in sweep:
+            opts = {"nprobes": nprobes, "refine_factor": refine, "exact_rerank": rerank}
             store.search(q[:3], args.k, exact=False, **opts)  # warm up
             lat, recall = [], []
             for i in range(args.queries):

@@ -106,6 +106,29 @@ def test_ann_candidates_by_index_metric_ranked_by_official_logit(tmp_path, metri
         assert [h.score for h in fw] == sorted((h.score for h in fw), reverse=True)
 
 
+def test_exact_rerank_picks_candidates_by_exact_cosine(tmp_path):
+    """With ``exact_rerank`` the candidates are the exact-cosine best of the code-selected pool, not the
+    codes' own best: with every row in the pool, they are the exact cosine top of the whole index."""
+    from wedetect.index.store import query_vectors
+
+    store = open_store(tmp_path / "idx", meta=IndexMeta(768, vector_dim_for(768), MODEL))
+    _add(store, 0, 60, seed=8, clusters=slice(0, 16))
+    store.build_ann_index(index_type="IVF_RQ", num_partitions=2)  # 1-bit codes: approximate order
+    texts = torch.nn.functional.normalize(CENTRES[[4, 12]] + 0.05 * unit_texts(2, seed=9), dim=1)
+    q = query_vectors(texts, store.meta.vector_dim)
+    rows = [b for b in store.iter_proposals(10_000)]
+    vec = np.concatenate([b.vector for b in rows]).astype(np.float64)
+    keys = [(int(i), int(r)) for b in rows for i, r in zip(b.image_id, b.rank)]
+    for query, hits in zip(q, store.search(q, 5, nprobes=2, refine_factor=4, exact_rerank=200)):
+        cosine = vec @ query / np.linalg.norm(vec, axis=1)
+        cands = np.argsort(-cosine)[:20]  # limit 5 x refine_factor 4
+        best = cands[np.argsort(-(vec[cands] @ query))[:5]]
+        got = list(zip(hits.proposals.image_id.tolist(), hits.proposals.rank.tolist()))
+        assert got == [keys[i] for i in best]
+    with pytest.raises(WeDetectError, match="exact_rerank"):
+        store.search(q, 5, exact_rerank=0)
+
+
 def test_unknown_ann_metric_is_refused(tmp_path):
     store = open_store(tmp_path / "idx", meta=IndexMeta(768, vector_dim_for(768), MODEL))
     _add(store, 0, 30, seed=8, clusters=slice(0, 4))

@@ -104,7 +104,7 @@ def test_search_json_matches_api_and_writes_crops(env):
         "--device",
         "cpu",
     ]
-    r = _run(*args, "--output-dir", env / "crops")
+    r = _run(*args, "--output-dir", env / "crops", "--nprobes", "4", "--refine-factor", "3", "--exact-rerank", "2")
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     assert [q["query"] for q in res] == ["狗", "red car"] and all(len(q["hits"]) == 5 for q in res)
@@ -155,6 +155,8 @@ def test_search_errors_are_one_line(env):
     assert r.exit_code == 2 and "--checkpoint" in r.output
     r = _run("search", "--index", "", "--checkpoint", env / "det.pth", "--text", "dog")
     assert r.exit_code == 2 and "--index is empty" in r.output
+    r = _run("search", "--index", env / "idx", "--checkpoint", env / "det.pth", "--text", "dog", "--exact-rerank", "0")
+    assert r.exit_code == 2 and "--exact-rerank" in r.output and "Traceback" not in r.output
 
 
 def test_add_ann_options_reach_the_index_build(env):

@@ -9,7 +9,13 @@ from typing import List, Optional
 import typer
 
 from ..errors import WeDetectError
-from ..index.store import ANN_METRICS, DEFAULT_ANN_METRIC, DEFAULT_NPROBES, DEFAULT_REFINE_FACTOR
+from ..index.store import (
+    ANN_METRICS,
+    DEFAULT_ANN_METRIC,
+    DEFAULT_EXACT_RERANK,
+    DEFAULT_NPROBES,
+    DEFAULT_REFINE_FACTOR,
+)
 from .common import (
     BatchSize,
     Checkpoint,
@@ -164,6 +170,11 @@ def search(
     ),
     nprobes: int = typer.Option(DEFAULT_NPROBES, "--nprobes", min=1, help="ANN: IVF partitions probed."),
     refine_factor: int = typer.Option(DEFAULT_REFINE_FACTOR, "--refine-factor", min=1, help="ANN: top-k multiple re-ranked exactly."),
+    exact_rerank: int = typer.Option(
+        DEFAULT_EXACT_RERANK, "--exact-rerank", min=1,
+        help="ANN (LanceDB): pre-select this many times more rows by their codes and re-rank them on exact vectors "
+        "before the --refine-factor cut (1: off; raise it for 10M-row indexes).",
+    ),
     backend: str = Backend,
     device: Device = "auto",
     dtype: Dtype = "float32",
@@ -185,7 +196,7 @@ def search(
         dev = _device(device)
         idx = ObjectIndex.open(index, backend=backend, device=dev)
         encoder = _text_encoder(checkpoint, tokenizer, dev, dtype)
-        ann = {"nprobes": nprobes, "refine_factor": refine_factor}
+        ann = {"nprobes": nprobes, "refine_factor": refine_factor, "exact_rerank": exact_rerank}
         results = idx.search(
             queries, encoder, top_k=top_k, min_score=min_score, per_image=per_image, exact=exact, **ann
         )

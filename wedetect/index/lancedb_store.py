@@ -7,7 +7,9 @@ index"). Every LanceDB append is an atomic versioned commit.
 
 Search is exact (a streamed float32 matmul, optionally on GPU) until :meth:`build_ann_index`
 creates an IVF index (RaBitQ codes, cosine partitions by default) on the vector column; the
-``limit * refine_factor`` ANN candidates are re-ranked by their exact logits on the stored vectors.
+``limit * refine_factor`` ANN candidates are re-ranked by their exact logits on the stored vectors
+(with ``exact_rerank=r``, Lance first re-ranks ``r`` times as many code-selected rows by their exact
+vectors: at 10M rows the 1-bit codes, not the probed partitions, limit recall; docs/index.md).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from wedetect.errors import WeDetectError
 from wedetect.index.store import (
     DEFAULT_ANN_METRIC,
     DEFAULT_NPROBES,
+    DEFAULT_EXACT_RERANK,
     DEFAULT_REFINE_FACTOR,
     EXACT_CHUNK_ROWS,
     ImageRecord,
@@ -237,9 +240,12 @@ class LanceDBStore(VectorStore):
         exact: bool | None = None,
         nprobes: int = DEFAULT_NPROBES,
         refine_factor: int = DEFAULT_REFINE_FACTOR,
+        exact_rerank: int = DEFAULT_EXACT_RERANK,
     ) -> list[RawHits]:
         if limit <= 0:
             raise WeDetectError("search limit must be positive")
+        if exact_rerank < 1:
+            raise WeDetectError(f"exact_rerank must be at least 1 (1: off), got {exact_rerank}")
         if exact or (exact is None and not self.has_ann_index()):
             return exact_search(self._exact_batches(), queries, limit, device=self.device)
         metric = self._ann_metric()
@@ -248,15 +254,15 @@ class LanceDBStore(VectorStore):
             # Candidates by the index's own metric (querying another one makes Lance scan everything),
             # vectors only; the official logit ranks them, and only the winners' other columns are read
             # (each column read per candidate row costs about as much as the vector).
-            cands = (
+            query = (
                 self._proposals.search(q, vector_column_name="vector")
                 .distance_type(metric)
                 .nprobes(nprobes)
                 .limit(limit * refine_factor)
-                .select(["vector"])
-                .with_row_id(True)
-                .to_arrow()
             )
+            if exact_rerank > 1:
+                query = query.refine_factor(exact_rerank)
+            cands = query.select(["vector"]).with_row_id(True).to_arrow()
             order, logits = best_by_logit(_fixed(cands.column("vector")), q, limit)
             row_ids = cands.column("_rowid").to_numpy()[order]
             rows = self._proposals.take_row_ids(row_ids.tolist()).select(_META_COLUMNS).with_row_id().to_arrow()

@@ -9,7 +9,8 @@ for a secured server comes from ``MILVUS_TOKEN``. Collections are named
 Milvus needs a vector field in every collection; the image and meta collections carry a
 2-d dummy vector. Searches use the inner-product metric (``IP``) on a ``FLAT`` index (exact)
 until :meth:`build_ann_index` switches to an IVF/HNSW index (cosine partitions by default);
-its ``limit * refine_factor`` candidates are re-scored on their stored vectors, like the LanceDB backend.
+its ``limit * refine_factor`` candidates are re-scored on their stored vectors, like the LanceDB backend
+(``exact_rerank`` has nothing to do here: IVF_FLAT distances are already exact).
 """
 
 from __future__ import annotations

@@ -37,6 +37,9 @@ EXACT_CHUNK_ROWS = 65536
 # the latency of 32), and 10x top-k candidates re-ranked by the exact logit.
 DEFAULT_NPROBES = 64
 DEFAULT_REFINE_FACTOR = 10
+# LanceDB: how many times more rows the compressed codes pre-select, to be re-ranked by their exact
+# vectors (by the index metric) before the candidate cut; 1 = off (candidates straight from the codes).
+DEFAULT_EXACT_RERANK = 1
 # IVF partition metrics (hits are ranked by the exact logit whatever the metric; docs/index.md).
 ANN_METRICS = ("cosine", "dot", "l2")
 DEFAULT_ANN_METRIC = "cosine"
@@ -298,7 +301,9 @@ class VectorStore(ABC):
         """Build an approximate index for large collections; returns what was built.
 
         Backends partition by ``metric`` (default ``"cosine"``: by direction) and search returns
-        ``limit * refine_factor`` candidates by that metric, ranked by :meth:`RawHits.rerank`.
+        ``limit * refine_factor`` candidates by that metric, ranked by :meth:`RawHits.rerank`
+        (LanceDB with ``exact_rerank=r``: the best ``limit * refine_factor * r`` by compressed codes
+        are re-ranked on their exact vectors before that cut).
         Directions are what a unit text query separates: in the noise-dominated embeddings of
         ``benchmarks/index_search.py``, inner-product or L2 k-means scatters one object kind over
         many cells, cosine k-means keeps it in one or two (docs/index.md).
