@@ -112,7 +112,7 @@ def nms_best_prefix(
             closed = min(n, int((scores >= top[-1]).sum()))
             if closed > m:
                 m = closed
-                top, idx = _topk(scores, m)
+                idx = _topk(scores, m)[1]
         keep = idx[run(idx)]
         if keep.numel() >= max_keep or m >= n:
             return keep[:max_keep]

@@ -24,8 +24,8 @@ import pyarrow as pa
 from wedetect.errors import WeDetectError
 from wedetect.index.store import (
     DEFAULT_ANN_METRIC,
-    DEFAULT_NPROBES,
     DEFAULT_EXACT_RERANK,
+    DEFAULT_NPROBES,
     DEFAULT_REFINE_FACTOR,
     EXACT_CHUNK_ROWS,
     ImageRecord,
