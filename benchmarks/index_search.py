@@ -177,7 +177,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=100, help="recall@k")
     ap.add_argument("--clusters", type=int, default=2048)
     ap.add_argument("--vector-dtype", default="float32", choices=["float32", "float16"])
-    ap.add_argument("--index-type", default="IVF_RQ", help="LanceDB index type (IVF_PQ, IVF_RQ, IVF_HNSW_SQ...)")
+    ap.add_argument("--index-type", default=None, help="FAISS_IVF_SQ8 (default) or a LanceDB type (IVF_RQ, IVF_PQ, ...)")
     ap.add_argument("--metric", default="cosine", choices=["cosine", "dot", "l2"], help="IVF partition metric")
     ap.add_argument("--partitions", type=int, default=None)
     ap.add_argument("--sub-vectors", type=int, default=None)

@@ -12,9 +12,10 @@ from ..errors import WeDetectError
 from ..index.store import (
     ANN_METRICS,
     DEFAULT_ANN_METRIC,
-    DEFAULT_EXACT_RERANK,
     DEFAULT_NPROBES,
     DEFAULT_REFINE_FACTOR,
+    FAISS_NPROBES,
+    FAISS_REFINE_FACTOR,
 )
 from .common import (
     BatchSize,
@@ -92,6 +93,12 @@ def add(
         "--ann/--no-ann",
         help=f"(Re)build the ANN (IVF) index (default: build one when >= {ANN_MIN_PROPOSALS:,} proposals and none exists).",
     ),
+    ann_type: Optional[str] = typer.Option(
+        None,
+        "--ann-type",
+        help="FAISS_IVF_SQ8 (default for local indexes: cosine cells, 8-bit codes ranked by the logit) or a "
+        "LanceDB type: IVF_RQ (default elsewhere), IVF_PQ, IVF_SQ, IVF_FLAT, IVF_HNSW_SQ.",
+    ),
     ann_metric: str = typer.Option(
         DEFAULT_ANN_METRIC,
         "--ann-metric",
@@ -137,7 +144,9 @@ def add(
         built = None
         auto_ann = ann is None and store.count_proposals() >= ANN_MIN_PROPOSALS and not store.has_ann_index()
         if ann or auto_ann:
-            built = store.build_ann_index(metric=ann_metric, num_partitions=ann_partitions)
+            built = store.build_ann_index(
+                index_type=ann_type, metric=ann_metric, num_partitions=ann_partitions, progress=progress
+            )
         payload = report.to_dict() | {"ann_index": built}
         emit_json(payload, json_out)
         say(
@@ -168,12 +177,19 @@ def search(
     exact: Optional[bool] = typer.Option(
         None, "--exact/--ann", help="Force exact or ANN search (default: ANN if built)."
     ),
-    nprobes: int = typer.Option(DEFAULT_NPROBES, "--nprobes", min=1, help="ANN: IVF partitions probed."),
-    refine_factor: int = typer.Option(DEFAULT_REFINE_FACTOR, "--refine-factor", min=1, help="ANN: top-k multiple re-ranked exactly."),
-    exact_rerank: int = typer.Option(
-        DEFAULT_EXACT_RERANK, "--exact-rerank", min=1,
-        help="ANN (LanceDB): pre-select this many times more rows by their codes and re-rank them on exact vectors "
-        "before the --refine-factor cut (1: off; raise it for 10M-row indexes).",
+    nprobes: Optional[int] = typer.Option(
+        None, "--nprobes", min=1,
+        help=f"ANN: IVF partitions probed (default {FAISS_NPROBES} with FAISS_IVF_SQ8, {DEFAULT_NPROBES} with LanceDB/Milvus).",
+    ),
+    refine_factor: Optional[int] = typer.Option(
+        None, "--refine-factor", min=1,
+        help=f"ANN: top-k multiple re-ranked exactly (default {FAISS_REFINE_FACTOR} with FAISS_IVF_SQ8, "
+        f"{DEFAULT_REFINE_FACTOR} otherwise).",
+    ),
+    exact_rerank: Optional[int] = typer.Option(
+        None, "--exact-rerank", min=1,
+        help="ANN (LanceDB IVF types): pre-select this many times more rows by their codes and re-rank them on exact "
+        "vectors before the --refine-factor cut (default 1: off).",
     ),
     backend: str = Backend,
     device: Device = "auto",

@@ -15,6 +15,8 @@ vectors: at 10M rows the 1-bit codes, not the probed partitions, limit recall; d
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -22,12 +24,16 @@ import numpy as np
 import pyarrow as pa
 
 from wedetect.errors import WeDetectError
+from wedetect.index.faiss_ivf import FAISS_FOLDER, FAISS_INDEX_TYPE, FaissIVF
+from wedetect.index.faiss_ivf import STATE_FILE as FAISS_STATE_FILE
 from wedetect.index.store import (
     DEFAULT_ANN_METRIC,
     DEFAULT_EXACT_RERANK,
     DEFAULT_NPROBES,
     DEFAULT_REFINE_FACTOR,
     EXACT_CHUNK_ROWS,
+    FAISS_NPROBES,
+    FAISS_REFINE_FACTOR,
     ImageRecord,
     IndexMeta,
     IndexNotFoundError,
@@ -37,13 +43,25 @@ from wedetect.index.store import (
     VectorStore,
     best_by_logit,
     check_ann_metric,
+    check_ann_params,
     exact_search,
 )
 
 _DELETE_CHUNK = 1000
+# Lance's own ANN index types (a vector index inside the table) and their config classes.
+_LANCE_INDEX_CONFIGS = {
+    "IVF_RQ": "IvfRq",
+    "IVF_PQ": "IvfPq",
+    "IVF_SQ": "IvfSq",
+    "IVF_FLAT": "IvfFlat",
+    "IVF_HNSW_SQ": "IvfHnswSq",
+}
 # Exact search keeps the proposals in memory between queries up to this size.
 _CACHE_BYTES = 2 << 30
 
+
+# Row ids that survive compaction and deletes (a FAISS index beside the table refers to rows by id).
+_STABLE_ROW_IDS = "new_table_enable_stable_row_ids"
 
 _VECTOR_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
 
@@ -164,14 +182,18 @@ class LanceDBStore(VectorStore):
             if meta.vector_dtype not in _VECTOR_TYPES:
                 raise WeDetectError(f"vector dtype {meta.vector_dtype!r} is not one of {sorted(_VECTOR_TYPES)}")
             proposals = _proposal_schema(meta.vector_dim, meta.vector_dtype)
-            for name, schema in (("proposals", proposals), ("images", _IMAGE_SCHEMA)):
-                self._db.create_table(name, schema=schema, exist_ok=True)
+            self._db.create_table(
+                "proposals", schema=proposals, exist_ok=True, storage_options={_STABLE_ROW_IDS: "true"}
+            )
+            self._db.create_table("images", schema=_IMAGE_SCHEMA, exist_ok=True)
+            meta = replace(meta, stable_row_ids=True)
             self._db.create_table("meta", data=pa.table({"json": [json.dumps(meta.to_dict())]}))
             self.meta = meta
         self._proposals = self._db.open_table("proposals")
         self._images = self._db.open_table("images")
         self._cache: tuple[int, list[ProposalBatch]] | None = None
-        self._metric: str | None = None  # of the ANN index, read once
+        self._metric: str | None = None  # of the Lance ANN index, read once
+        self._faiss: tuple[int, FaissIVF] | None = None  # (state file mtime, memory-mapped index)
 
     # --- writes ---------------------------------------------------------------------------
     def _append_proposals(self, batch: ProposalBatch) -> None:
@@ -225,95 +247,223 @@ class LanceDBStore(VectorStore):
         return self.iter_proposals()
 
     def optimize(self) -> None:
-        """Merge the small fragments of many commits and fold new rows into the ANN index."""
+        """Merge the small fragments of many commits and fold new (and deleted) rows into the ANN index."""
         for tbl in (self._proposals, self._images):
             tbl.optimize()
+        self._sync_faiss()
 
     def has_ann_index(self) -> bool:
-        return any("vector" in idx.columns for idx in self._proposals.list_indices())
+        return self._faiss_index() is not None or self._lance_index() is not None
 
+    def _lance_index(self):
+        return next((idx for idx in self._proposals.list_indices() if "vector" in idx.columns), None)
+
+    # --- FAISS index beside the table (local indexes only) ---------------------------------------
+    def _faiss_folder(self) -> Path | None:
+        return Path(self.location) / FAISS_FOLDER if "://" not in self.location else None
+
+    def _faiss_index(self) -> FaissIVF | None:
+        """The FAISS index (memory-mapped, reloaded when a writer replaced it), or None."""
+        folder = self._faiss_folder()
+        if folder is None or not FaissIVF.exists(folder):
+            self._faiss = None
+            return None
+        stamp = (folder / FAISS_STATE_FILE).stat().st_mtime_ns
+        if self._faiss is None or self._faiss[0] != stamp:
+            self._faiss = (stamp, FaissIVF.load(folder))
+        return self._faiss[1]
+
+    def _scan_vectors(self, where: str | None = None, batch_rows: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(stable row ids, float32 vectors) of every row, or of the rows matching ``where``."""
+        query = self._proposals.search()
+        if where:
+            query = query.where(where)
+        for b in query.select(["vector"]).with_row_id(True).to_batches(batch_size=batch_rows):
+            yield b.column("_rowid").to_numpy().astype(np.int64), _fixed(b.column("vector"))
+
+    def _unsynced(self, ivf: FaissIVF) -> str | None:
+        """Filter for rows appended after the FAISS index was last synchronised (None: none can be)."""
+        if ivf.state.table_version == self._proposals.version:
+            return None
+        return f"_rowid >= {ivf.state.next_row_id}"
+
+    def _sync_faiss(self) -> None:
+        """Fold rows appended since the last sync into the FAISS index and drop deleted ones."""
+        folder = self._faiss_folder()
+        if folder is None or not FaissIVF.exists(folder):
+            return
+        ivf = FaissIVF.load(folder, writable=True)
+        where = self._unsynced(ivf)
+        if where is None:
+            return
+        for ids, vectors in self._scan_vectors(where):
+            ivf.add(ids, vectors)
+        if ivf.index.ntotal > self.count_proposals():  # rows were deleted since: drop their ids
+            live = np.concatenate([ids for ids, _ in self._scan_vectors()] or [np.zeros(0, np.int64)])
+            ivf.remove(np.setdiff1d(ivf.ids(), live))
+        ivf.state.table_version = self._proposals.version
+        ivf.save()
+        self._faiss = None
+
+    # --- search -------------------------------------------------------------------------------------
     def search(
         self,
         queries: np.ndarray,
         limit: int,
         *,
         exact: bool | None = None,
-        nprobes: int = DEFAULT_NPROBES,
-        refine_factor: int = DEFAULT_REFINE_FACTOR,
-        exact_rerank: int = DEFAULT_EXACT_RERANK,
+        nprobes: int | None = None,
+        refine_factor: int | None = None,
+        exact_rerank: int | None = None,
     ) -> list[RawHits]:
         if limit <= 0:
             raise WeDetectError("search limit must be positive")
-        if exact_rerank < 1:
-            raise WeDetectError(f"exact_rerank must be at least 1 (1: off), got {exact_rerank}")
+        check_ann_params(nprobes=nprobes, refine_factor=refine_factor, exact_rerank=exact_rerank)
         if exact or (exact is None and not self.has_ann_index()):
             return exact_search(self._exact_batches(), queries, limit, device=self.device)
+        queries = np.asarray(queries, dtype=np.float32)
+        ivf = self._faiss_index()
+        if ivf is not None:
+            cands = self._faiss_candidates(ivf, queries, limit * (refine_factor or FAISS_REFINE_FACTOR),
+                                           nprobes or FAISS_NPROBES)
+        else:
+            cands = self._lance_candidates(queries, limit * (refine_factor or DEFAULT_REFINE_FACTOR),
+                                           nprobes or DEFAULT_NPROBES, exact_rerank or DEFAULT_EXACT_RERANK)
+        return [self._rank_candidates(q, ids, vectors, limit) for q, (ids, vectors) in zip(queries, cands)]
+
+    def _faiss_candidates(
+        self, ivf: FaissIVF, queries: np.ndarray, k: int, nprobes: int
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Row ids and vectors of the ``k`` best rows by code inner product, plus each query's ``k``
+        best rows (exactly) among those appended since the index was last synchronised."""
+        found = [(ids, self._vectors(ids)) for ids in ivf.search(queries, k, nprobes)]
+        where = self._unsynced(ivf)
+        if where is None:
+            return found
+        fresh = [(np.zeros(0, np.int64), np.zeros((0, self.meta.vector_dim), np.float32)) for _ in queries]
+        for ids, vectors in self._scan_vectors(where):
+            logits = vectors @ queries.T  # (n, Q)
+            for i in range(len(queries)):
+                best = np.argsort(-logits[:, i], kind="stable")[:k]
+                fresh[i] = (np.concatenate([fresh[i][0], ids[best]]), np.concatenate([fresh[i][1], vectors[best]]))
+        return [(np.concatenate([a[0], b[0]]), np.concatenate([a[1], b[1]])) for a, b in zip(found, fresh)]
+
+    def _vectors(self, row_ids: np.ndarray) -> np.ndarray:
+        """float32 vectors of these rows, in this order (rows deleted meanwhile come back as NaN)."""
+        rows = self._proposals.take_row_ids(row_ids.tolist()).select(["vector"]).with_row_id().to_arrow()
+        out = np.full((len(row_ids), self.meta.vector_dim), np.nan, np.float32)
+        where = {int(r): i for i, r in enumerate(rows.column("_rowid").to_numpy())}  # take reorders
+        have = [k for k, r in enumerate(row_ids.tolist()) if r in where]
+        out[have] = _fixed(rows.column("vector"))[[where[int(row_ids[k])] for k in have]]
+        return out
+
+    def _lance_candidates(
+        self, queries: np.ndarray, k: int, nprobes: int, exact_rerank: int
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Row ids and vectors of the ``k`` best rows by the Lance index's metric (querying another
+        metric makes Lance scan everything); ``exact_rerank`` > 1 re-ranks that many times more
+        code-selected rows on their exact vectors first."""
         metric = self._ann_metric()
         out = []
-        for q in np.asarray(queries, dtype=np.float32):
-            # Candidates by the index's own metric (querying another one makes Lance scan everything),
-            # vectors only; the official logit ranks them, and only the winners' other columns are read
-            # (each column read per candidate row costs about as much as the vector).
-            query = (
-                self._proposals.search(q, vector_column_name="vector")
-                .distance_type(metric)
-                .nprobes(nprobes)
-                .limit(limit * refine_factor)
-            )
+        for q in queries:
+            query = self._proposals.search(q, vector_column_name="vector").distance_type(metric)
+            query = query.nprobes(nprobes).limit(k)
             if exact_rerank > 1:
                 query = query.refine_factor(exact_rerank)
-            cands = query.select(["vector"]).with_row_id(True).to_arrow()
-            order, logits = best_by_logit(_fixed(cands.column("vector")), q, limit)
-            row_ids = cands.column("_rowid").to_numpy()[order]
-            rows = self._proposals.take_row_ids(row_ids.tolist()).select(_META_COLUMNS).with_row_id().to_arrow()
-            where = {int(r): i for i, r in enumerate(rows.column("_rowid").to_numpy())}  # take reorders
-            # A row deleted by a concurrent writer between the two reads is dropped, not an error.
-            kept = [k for k, r in enumerate(row_ids) if int(r) in where]
-            rows = rows.take([where[int(row_ids[k])] for k in kept])
-            rows = rows.append_column("vector", cands.column("vector").take(order[kept]))
-            out.append(RawHits(arrow_to_batch(rows), logits[kept]))
+            t = query.select(["vector"]).with_row_id(True).to_arrow()
+            out.append((t.column("_rowid").to_numpy().astype(np.int64), _fixed(t.column("vector"))))
         return out
+
+    def _rank_candidates(self, q: np.ndarray, row_ids: np.ndarray, vectors: np.ndarray, limit: int) -> RawHits:
+        """The ``limit`` best candidates by their exact official logit, with their other columns (read
+        for the winners only: each column read per candidate row costs about as much as the vector)."""
+        live = ~np.isnan(vectors[:, 0])
+        row_ids, vectors = row_ids[live], vectors[live]
+        order, logits = best_by_logit(vectors, q, limit)
+        row_ids = row_ids[order]
+        rows = self._proposals.take_row_ids(row_ids.tolist()).select(_META_COLUMNS).with_row_id().to_arrow()
+        where = {int(r): i for i, r in enumerate(rows.column("_rowid").to_numpy())}  # take reorders
+        # A row deleted by a concurrent writer between the two reads is dropped, not an error.
+        kept = [k for k, r in enumerate(row_ids.tolist()) if r in where]
+        rows = rows.take([where[int(row_ids[k])] for k in kept])
+        rows = rows.append_column("vector", _fixed_list(vectors[order[kept]], self.meta.vector_dim, pa.float32()))
+        return RawHits(arrow_to_batch(rows), logits[kept])
 
     def _ann_metric(self) -> str:
         if self._metric is None:
-            (idx,) = [i for i in self._proposals.list_indices() if "vector" in i.columns]
-            self._metric = self._proposals.index_stats(idx.name).distance_type
+            self._metric = self._proposals.index_stats(self._lance_index().name).distance_type
         return self._metric
 
     def build_ann_index(
         self,
         *,
-        index_type: str = "IVF_RQ",
+        index_type: str | None = None,
         metric: str = DEFAULT_ANN_METRIC,
         num_partitions: int | None = None,
         num_sub_vectors: int | None = None,
+        progress: bool = False,
         **_,
     ) -> dict:
-        from lancedb import index as lance_index
-
-        configs = {
-            "IVF_RQ": "IvfRq",
-            "IVF_PQ": "IvfPq",
-            "IVF_SQ": "IvfSq",
-            "IVF_FLAT": "IvfFlat",
-            "IVF_HNSW_SQ": "IvfHnswSq",
-        }
-        if index_type not in configs:
-            raise WeDetectError(f"unknown ANN index type {index_type!r} (one of {', '.join(configs)})")
+        """Build the ANN index, replacing any other. ``index_type`` None: FAISS IVF-SQ8 where it can
+        be kept beside the table (a local index with stable row ids), else Lance's IVF-RQ."""
+        if index_type is None:
+            index_type = FAISS_INDEX_TYPE if self._faiss_folder() and self.meta.stable_row_ids else "IVF_RQ"
+        if index_type != FAISS_INDEX_TYPE and index_type not in _LANCE_INDEX_CONFIGS:
+            known = ", ".join([FAISS_INDEX_TYPE, *_LANCE_INDEX_CONFIGS])
+            raise WeDetectError(f"unknown ANN index type {index_type!r} (one of {known})")
         check_ann_metric(metric)
         n = self.count_proposals()
         if n < 256:
             raise WeDetectError(
                 f"the index holds {n} proposals; an ANN index needs at least 256 (exact search is used)"
             )
-        # About 8k rows per partition: cheap k-means assignment on few cores, and a probe of 32
+        # About 8k rows per partition: cheap k-means assignment on few cores, and a probe of 16-64
         # partitions scans only a few hundred thousand compressed codes.
         params: dict = {"num_partitions": num_partitions or max(1, min(n // 8192, 8192))}
+        if index_type == FAISS_INDEX_TYPE:
+            self._build_faiss(metric, params["num_partitions"], progress)
+        else:
+            self._build_lance(index_type, metric, params, num_sub_vectors)
+        return {"index_type": index_type, "metric": metric, "rows": n, **params}
+
+    def _build_faiss(self, metric: str, num_partitions: int, progress: bool) -> None:
+        folder = self._faiss_folder()
+        if folder is None:
+            raise WeDetectError(f"{FAISS_INDEX_TYPE} needs a local index directory; use IVF_RQ for {self.location}")
+        if not self.meta.stable_row_ids:
+            raise WeDetectError(
+                f"{FAISS_INDEX_TYPE} needs stable row ids, which this index (made by an older wedetect) lacks; "
+                "use --ann-type IVF_RQ, or re-index into a new --index path"
+            )
+        if metric != "cosine":
+            raise WeDetectError(f"{FAISS_INDEX_TYPE} partitions by cosine only (got metric {metric!r})")
+        version = self._proposals.version
+        ivf = FaissIVF.build(
+            folder,
+            self._scan_vectors,
+            rows=self.count_proposals(),
+            dim=self.meta.vector_dim,
+            num_partitions=num_partitions,
+            table_version=version,
+            progress=progress,
+        )
+        ivf.save()
+        if (idx := self._lance_index()) is not None:  # one ANN index at a time
+            self._proposals.drop_index(idx.name)
+        self._faiss = None
+
+    def _build_lance(self, index_type: str, metric: str, params: dict, num_sub_vectors: int | None) -> None:
+        from lancedb import index as lance_index
+
         if index_type == "IVF_PQ":
             params["num_sub_vectors"] = num_sub_vectors or self.meta.vector_dim // 16  # 16-d sub-vectors
         if str(self.device).startswith("cuda"):
             params["accelerator"] = "cuda"  # k-means training on the GPU
-        config = getattr(lance_index, configs[index_type])(distance_type=metric, max_iterations=20, **params)
+        config = getattr(lance_index, _LANCE_INDEX_CONFIGS[index_type])(
+            distance_type=metric, max_iterations=20, **params
+        )
         self._proposals.create_index("vector", config=config, replace=True)
         self._metric = metric
-        return {"index_type": index_type, "metric": metric, "rows": n, **params}
+        if (folder := self._faiss_folder()) is not None and folder.exists():  # one ANN index at a time
+            shutil.rmtree(folder)
+            self._faiss = None

@@ -36,6 +36,7 @@ from wedetect.index.store import (
     RawHits,
     VectorStore,
     check_ann_metric,
+    check_ann_params,
     exact_search,
 )
 
@@ -259,13 +260,14 @@ class MilvusStore(VectorStore):
     def search(self, queries: np.ndarray, limit: int, *, exact: bool | None = None, **ann) -> list[RawHits]:
         if limit <= 0:
             raise WeDetectError("search limit must be positive")
+        check_ann_params(**ann)
         info = self._ann_info()  # one server round trip per search
         if limit > _MAX_LIMIT or (exact and info):
             # Beyond Milvus' top-k cap, or exact asked of an ANN index: stream and scan.
             return exact_search(self.iter_proposals(), queries, limit, device=self.device)
-        candidates = min(_MAX_LIMIT, limit * int(ann.get("refine_factor", DEFAULT_REFINE_FACTOR))) if info else limit
+        candidates = min(_MAX_LIMIT, limit * int(ann.get("refine_factor") or DEFAULT_REFINE_FACTOR)) if info else limit
         metric = info["metric_type"] if info else "IP"
-        params = {"metric_type": metric, "params": {"nprobe": int(ann.get("nprobes", DEFAULT_NPROBES))}}
+        params = {"metric_type": metric, "params": {"nprobe": int(ann.get("nprobes") or DEFAULT_NPROBES)}}
         res = self._client.search(
             self._p,
             data=[np.asarray(q, np.float32) for q in queries],

@@ -33,10 +33,13 @@ FORMAT_VERSION = 1
 VECTOR_ALIGN = 16
 # Rows scanned per matmul in exact search: bounds memory at about rows * dim * 4 bytes.
 EXACT_CHUNK_ROWS = 65536
-# ANN search defaults: 64 of the ~n/8192 IVF cells (0.95 recall@100 at 1M in the benchmark, at about
-# the latency of 32), and 10x top-k candidates re-ranked by the exact logit.
+# ANN search defaults of Lance's IVF-RQ: 64 of the ~n/8192 IVF cells (0.95 recall@100 at 1M in the
+# benchmark, at about the latency of 32), and 10x top-k candidates re-ranked by the exact logit.
 DEFAULT_NPROBES = 64
 DEFAULT_REFINE_FACTOR = 10
+# The FAISS IVF-SQ8 index ranks candidates by (nearly) the logit itself: fewer cells and candidates.
+FAISS_NPROBES = 16
+FAISS_REFINE_FACTOR = 4
 # LanceDB: how many times more rows the compressed codes pre-select, to be re-ranked by their exact
 # vectors (by the index metric) before the candidate cut; 1 = off (candidates straight from the codes).
 DEFAULT_EXACT_RERANK = 1
@@ -107,6 +110,9 @@ class IndexMeta:
     # float32 reproduces the official scores; float16 halves storage for huge collections at
     # about 1e-3 relative error on the logits (LanceDB backend only).
     vector_dtype: str = "float32"
+    # LanceDB: the proposals table keeps row ids through compaction and deletes, so an ANN index
+    # kept beside it (FAISS) can refer to rows by id. Indexes created before this was set lack it.
+    stable_row_ids: bool = False
     format_version: int = FORMAT_VERSION
     created_at: float = field(default_factory=time.time)
 
@@ -121,7 +127,8 @@ class IndexMeta:
                 f"index format version {version} is not supported by this wedetect (expects {FORMAT_VERSION})"
             )
         return cls(
-            **{k: d[k] for k in ("embed_dim", "vector_dim", "model", "vector_dtype", "format_version", "created_at")}
+            **{k: d[k] for k in ("embed_dim", "vector_dim", "model", "vector_dtype", "format_version", "created_at")},
+            stable_row_ids=bool(d.get("stable_row_ids", False)),
         )
 
     def check_compatible(self, other: "IndexMeta") -> None:
@@ -238,6 +245,13 @@ def check_ann_metric(metric: str) -> str:
     if metric not in ANN_METRICS:
         raise WeDetectError(f"unknown ANN metric {metric!r} ({', '.join(ANN_METRICS)})")
     return metric
+
+
+def check_ann_params(**params: int | None) -> None:
+    """ANN search parameters (``nprobes``, ``refine_factor``, ``exact_rerank``) are None or >= 1."""
+    for name, value in params.items():
+        if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+            raise WeDetectError(f"{name} must be a positive integer, got {value!r}")
 
 
 def best_by_logit(vectors: np.ndarray, query: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,145 @@
+"""The FAISS IVF-SQ8 index beside a LanceDB table: cosine cells, candidates by the logit's codes,
+kept in step with appends and deletes, refused where it cannot work."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from index_fakes import MODEL, unit_texts
+from test_index_ann import CENTRES, _add
+
+from wedetect.errors import WeDetectError
+from wedetect.index import IndexMeta, ObjectIndex, open_store
+from wedetect.index.faiss_ivf import FAISS_FOLDER, FAISS_INDEX_TYPE, STATE_FILE, FaissIVF
+from wedetect.index.store import query_vectors, vector_dim_for
+
+
+def _store(tmp_path, images=60, seed=11):
+    store = open_store(tmp_path / "idx", meta=IndexMeta(768, vector_dim_for(768), MODEL))
+    _add(store, 0, images, seed=seed, clusters=slice(0, 15))
+    return store
+
+
+def _texts(*centres, seed=12):
+    return torch.nn.functional.normalize(CENTRES[list(centres)] + 0.05 * unit_texts(len(centres), seed=seed), dim=1)
+
+
+def _keys(hits):
+    return [(h.image_id, round(h.logit, 3)) for h in hits]
+
+
+def test_default_ann_index_is_faiss_and_probing_everything_is_exact(tmp_path):
+    store = _store(tmp_path)
+    built = store.build_ann_index(num_partitions=3)
+    assert built["index_type"] == FAISS_INDEX_TYPE and built["metric"] == "cosine"
+    assert store.has_ann_index() and FaissIVF.exists(tmp_path / "idx" / FAISS_FOLDER)
+    index = ObjectIndex.open(tmp_path / "idx")
+    texts = _texts(2, 9, 14)
+    exact = index.search_embeddings(texts, top_k=15, exact=True)
+    ann = index.search_embeddings(texts, top_k=15, nprobes=3, refine_factor=40)  # 600 candidates = every row
+    for ex, ap in zip(exact, ann):
+        assert _keys(ap) == _keys(ex)
+        np.testing.assert_allclose([h.score for h in ap], [h.score for h in ex], atol=1e-6)
+
+
+def test_candidates_come_by_inner_product_not_cosine(tmp_path):
+    """The codes estimate the official logit: with every cell probed and no over-fetch (refine 1)
+    the candidates are already the exact top-k, although ranking by cosine gives another set."""
+    store = _store(tmp_path, images=80, seed=13)
+    store.build_ann_index(num_partitions=2)
+    q = query_vectors(_texts(3, 7, seed=14), store.meta.vector_dim)
+    rows = list(store.iter_proposals(100_000))
+    vec = np.concatenate([b.vector for b in rows]).astype(np.float64)
+    keys = [(int(i), int(r)) for b in rows for i, r in zip(b.image_id, b.rank)]
+    for query, hits in zip(q, store.search(q, 10, nprobes=2, refine_factor=1)):
+        logit = vec @ query
+        by_logit = {keys[i] for i in np.argsort(-logit)[:10]}
+        by_cosine = {keys[i] for i in np.argsort(-logit / np.linalg.norm(vec, axis=1))[:10]}
+        got = set(zip(hits.proposals.image_id.tolist(), hits.proposals.rank.tolist()))
+        assert by_cosine != by_logit  # the test data tells the two apart
+        assert len(got & by_logit) >= 9, "candidates should follow the logit"
+
+
+def test_appended_rows_are_found_before_and_after_the_sync(tmp_path):
+    store = _store(tmp_path)
+    store.build_ann_index(num_partitions=3)
+    folder = tmp_path / "idx" / FAISS_FOLDER
+    before = FaissIVF.load(folder).state
+    _add(store, 1000, 10, seed=15, clusters=slice(15, 16))  # new cluster, after the build
+    texts = _texts(15, seed=16)
+    hits = ObjectIndex.open(tmp_path / "idx").search_embeddings(texts, top_k=20)[0]
+    assert all(h.image_id >= 1000 for h in hits), "rows appended after the FAISS build were missed"
+
+    store.optimize()  # what `index add` runs at the end: folds the new rows into the FAISS file
+    after = FaissIVF.load(folder)
+    assert after.state.rows == before.rows + 100 and after.state.next_row_id > before.next_row_id
+    assert after.state.table_version == store._proposals.version
+    assert len(list(folder.glob("ivf-*.faiss"))) == 1  # the replaced file is gone
+    synced = ObjectIndex.open(tmp_path / "idx").search_embeddings(texts, top_k=20)[0]
+    assert _keys(synced) == _keys(hits)
+
+
+def test_deleted_rows_are_dropped_then_removed(tmp_path):
+    store = _store(tmp_path)
+    store.build_ann_index(num_partitions=3)
+    texts = _texts(5, seed=17)
+    index = ObjectIndex.open(tmp_path / "idx")
+    first = index.search_embeddings(texts, top_k=10, nprobes=3, refine_factor=60)[0]
+    gone = sorted({h.image_id for h in first[:3]})
+    store.remove_images(gone)
+    hits = ObjectIndex.open(tmp_path / "idx").search_embeddings(texts, top_k=10, nprobes=3, refine_factor=60)[0]
+    assert not {h.image_id for h in hits} & set(gone) and len(hits) == 10
+    store.optimize()
+    ivf = FaissIVF.load(tmp_path / "idx" / FAISS_FOLDER)
+    assert ivf.state.rows == store.count_proposals() == 600 - 10 * len(gone)
+    live = np.concatenate([ids for ids, _ in store._scan_vectors()])
+    assert sorted(ivf.ids().tolist()) == sorted(live.tolist())
+
+
+def test_one_ann_index_at_a_time(tmp_path):
+    store = _store(tmp_path)
+    store.build_ann_index(index_type="IVF_FLAT", num_partitions=2)
+    store.build_ann_index(num_partitions=2)
+    assert store._lance_index() is None and store._faiss_index() is not None
+    store.build_ann_index(index_type="IVF_FLAT", num_partitions=2)
+    assert store._faiss_index() is None and not (tmp_path / "idx" / FAISS_FOLDER).exists()
+    assert store.has_ann_index()
+
+
+def test_faiss_refusals(tmp_path):
+    store = _store(tmp_path)
+    with pytest.raises(WeDetectError, match="cosine only"):
+        store.build_ann_index(index_type=FAISS_INDEX_TYPE, metric="dot")
+    with pytest.raises(WeDetectError, match="unknown ANN index type 'HNSW'"):
+        store.build_ann_index(index_type="HNSW")
+    # An index made before stable row ids: FAISS is refused, Lance's IVF is the default there.
+    meta = tmp_path / "idx" / "meta.lance"
+    assert meta.exists()
+    old = store.meta.__class__(**{**store.meta.to_dict(), "stable_row_ids": False})
+    store.meta = old
+    with pytest.raises(WeDetectError, match="stable row ids"):
+        store.build_ann_index(index_type=FAISS_INDEX_TYPE)
+    assert store.build_ann_index(num_partitions=2)["index_type"] == "IVF_RQ"
+
+
+def test_unreadable_faiss_state_is_a_clear_error(tmp_path):
+    store = _store(tmp_path)
+    store.build_ann_index(num_partitions=2)
+    state = tmp_path / "idx" / FAISS_FOLDER / STATE_FILE
+    state.write_text(json.dumps({**json.loads(state.read_text()), "file": "missing.faiss"}))
+    with pytest.raises(WeDetectError, match="rebuild it with `wedetect index add --ann`"):
+        ObjectIndex.open(tmp_path / "idx").search_embeddings(_texts(1), top_k=5)
+
+
+@pytest.mark.parametrize("backend", ["idx", "idx.db"])
+@pytest.mark.parametrize("param", ["nprobes", "refine_factor", "exact_rerank"])
+def test_ann_parameters_below_one_are_refused_by_every_backend(tmp_path, backend, param):
+    store = open_store(tmp_path / backend, meta=IndexMeta(768, vector_dim_for(768), MODEL))
+    _add(store, 0, 30, seed=18, clusters=slice(0, 4))
+    store.build_ann_index(num_partitions=2)
+    index = ObjectIndex.open(tmp_path / backend)
+    with pytest.raises(WeDetectError, match=f"{param} must be a positive integer, got 0"):
+        index.search_embeddings(_texts(1), top_k=5, **{param: 0})

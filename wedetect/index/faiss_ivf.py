@@ -1,0 +1,179 @@
+"""A FAISS IVF index kept beside a LanceDB proposals table, keyed by the table's stable row ids.
+
+Why not Lance's own IVF at 10M rows: Lance partitions and ranks candidates by one metric, and its
+1-bit RaBitQ codes estimate the *cosine*, while the official retrieval score is an inner product of
+the augmented vectors. Among ~8k near-identical directions per cell the codes then shuffle the true
+top-k (docs/index.md). Here the two jobs are split:
+
+* **cells by direction**: spherical k-means; a vector joins the unit centroid of largest inner
+  product, i.e. of smallest angle (what a unit text query separates);
+* **candidates by the official logit**: 8-bit scalar codes (one byte per dimension) of the augmented
+  vectors ``[exp(s) e, b, 0...]``, scanned by inner product with ``[t, 1, 0...]``, estimate the logit
+  itself; the best ``limit * refine_factor`` are then ranked exactly on the stored vectors.
+
+The FAISS file is derived data: it can always be rebuilt from the table. Its state file records
+the table version it reflects and the next row id it has not seen (Lance allocates stable row ids
+in increasing order), so rows appended later are found exactly and deleted rows are dropped
+(:meth:`LanceDBStore.search`), and :meth:`LanceDBStore.optimize` folds both in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from wedetect.errors import WeDetectError
+
+FAISS_INDEX_TYPE = "FAISS_IVF_SQ8"
+FAISS_FOLDER = "ann_faiss"  # inside the LanceDB index directory
+STATE_FILE = "state.json"
+# k-means trains on at most this many rows per cell (FAISS's own cap; Lance uses 256 too).
+TRAIN_ROWS_PER_CELL = 256
+KMEANS_ITERATIONS = 20
+
+# A scan yields (stable row ids, float32 augmented vectors) chunks.
+Scan = Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as e:  # pragma: no cover - faiss-cpu is part of the [index] extra
+        raise WeDetectError('the FAISS ANN index needs faiss-cpu: pip install "wedetect[index]"') from e
+    return faiss
+
+
+@dataclass
+class FaissState:
+    """What the FAISS file reflects; written atomically after the file it names."""
+
+    file: str  # FAISS file name inside the folder (a new name per save: the swap is one rename)
+    table_version: int  # proposals table version the index was last synchronised with
+    next_row_id: int  # every row id below this was seen (indexed, or deleted since)
+    rows: int  # vectors in the FAISS index
+    partitions: int
+    codes: str = "SQ8"
+    metric: str = "cosine"
+    built_at: float = field(default_factory=time.time)
+
+
+class FaissIVF:
+    """IVF (cosine cells) with 8-bit codes searched by inner product; ids are Lance row ids."""
+
+    def __init__(self, folder: str | os.PathLike, index, state: FaissState) -> None:
+        self.folder = Path(folder)
+        self.index = index
+        self.state = state
+
+    # --- persistence ------------------------------------------------------------------------
+    @staticmethod
+    def exists(folder: str | os.PathLike) -> bool:
+        return (Path(folder) / STATE_FILE).is_file()
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, *, writable: bool = False) -> "FaissIVF":
+        """Open the index; read-only opens memory-map the codes (a search touches only its cells)."""
+        faiss = _faiss()
+        folder = Path(folder)
+        try:
+            state = FaissState(**json.loads((folder / STATE_FILE).read_text()))
+            flags = 0 if writable else faiss.IO_FLAG_MMAP
+            index = faiss.read_index(str(folder / state.file), flags)
+        except (OSError, ValueError, TypeError, RuntimeError) as e:
+            raise WeDetectError(
+                f"the FAISS ANN index in {folder} cannot be read ({e}); rebuild it with `wedetect index add --ann`"
+            ) from e
+        return cls(folder, index, state)
+
+    def save(self) -> None:
+        """Write a new FAISS file, then swap the state file to it (atomic), then drop the old file."""
+        faiss = _faiss()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.state.file = f"ivf-{uuid.uuid4().hex[:12]}.faiss"
+        self.state.rows = int(self.index.ntotal)
+        faiss.write_index(self.index, str(self.folder / self.state.file))
+        tmp = self.folder / f"{STATE_FILE}.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(asdict(self.state)))
+        os.replace(tmp, self.folder / STATE_FILE)
+        for stale in self.folder.glob("ivf-*.faiss"):  # the old file, and any a crash left behind
+            if stale.name != self.state.file:
+                stale.unlink(missing_ok=True)  # a reader that mapped it keeps its pages (POSIX)
+
+    # --- build and update ---------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        folder: str | os.PathLike,
+        scan: Scan,
+        *,
+        rows: int,
+        dim: int,
+        num_partitions: int,
+        table_version: int,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> "FaissIVF":
+        """Train the cells and codes on a sample of ``scan()``, then add every row (two passes)."""
+        faiss = _faiss()
+        from tqdm.auto import tqdm
+
+        want = min(rows, TRAIN_ROWS_PER_CELL * num_partitions)
+        rng = np.random.default_rng(seed)
+        parts = []
+        for _, vectors in scan():  # sample each chunk in proportion, without holding the table
+            take = rng.random(len(vectors)) < want / max(rows, 1)
+            parts.append(vectors[take])
+        sample = np.ascontiguousarray(np.concatenate(parts) if parts else np.zeros((0, dim), np.float32))
+        if len(sample) < num_partitions:
+            raise WeDetectError(f"{len(sample)} training rows for {num_partitions} partitions; use fewer partitions")
+        units = sample / np.maximum(np.linalg.norm(sample, axis=1, keepdims=True), 1e-12)
+        kmeans = faiss.Kmeans(dim, num_partitions, niter=KMEANS_ITERATIONS, spherical=True, seed=seed + 1)
+        kmeans.train(np.ascontiguousarray(units, dtype=np.float32))
+        quantizer = faiss.IndexFlatIP(dim)
+        quantizer.add(kmeans.centroids)
+        index = faiss.IndexIVFScalarQuantizer(
+            quantizer, dim, num_partitions, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT, False
+        )
+        index.train(sample)  # the quantizer is trained already: this fits the per-dimension code ranges
+        quantizer.this.disown()  # the IVF index owns (and frees) its quantizer
+        index.own_fields = True
+        ivf = cls(folder, index, FaissState("", table_version, 0, 0, num_partitions))
+        with tqdm(total=rows, desc="FAISS IVF", unit="rows", disable=not progress) as bar:
+            for ids, vectors in scan():
+                ivf.add(ids, vectors)
+                bar.update(len(ids))
+        return ivf
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        if len(ids):
+            self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids.astype(np.int64))
+            self.state.next_row_id = max(self.state.next_row_id, int(ids.max()) + 1)
+
+    def remove(self, ids: Iterable[int]) -> int:
+        ids = np.fromiter(ids, dtype=np.int64)
+        return int(self.index.remove_ids(_faiss().IDSelectorBatch(ids))) if ids.size else 0
+
+    def ids(self) -> np.ndarray:
+        """Every row id in the index (to find rows deleted from the table since)."""
+        faiss = _faiss()
+        lists = self.index.invlists
+        out = [
+            faiss.rev_swig_ptr(lists.get_ids(c), lists.list_size(c)).copy()
+            for c in range(self.index.nlist)
+            if lists.list_size(c)
+        ]
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    # --- search -------------------------------------------------------------------------------
+    def search(self, queries: np.ndarray, k: int, nprobes: int) -> list[np.ndarray]:
+        """Row ids of the ``k`` best rows by code inner product per query, best first."""
+        self.index.nprobe = min(int(nprobes), self.index.nlist)
+        _, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), int(k))
+        return [row[row >= 0] for row in ids]
