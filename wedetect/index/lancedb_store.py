@@ -6,10 +6,12 @@ JSON row with :class:`IndexMeta`, written last at creation, so its presence mean
 index"). Every LanceDB append is an atomic versioned commit.
 
 Search is exact (a streamed float32 matmul, optionally on GPU) until :meth:`build_ann_index`
-creates an IVF index (RaBitQ codes, cosine partitions by default) on the vector column; the
-``limit * refine_factor`` ANN candidates are re-ranked by their exact logits on the stored vectors
-(with ``exact_rerank=r``, Lance first re-ranks ``r`` times as many code-selected rows by their exact
-vectors: at 10M rows the 1-bit codes, not the probed partitions, limit recall; docs/index.md).
+creates an ANN index. The default for a local index is a FAISS IVF-SQ8 index kept beside the table
+(:mod:`wedetect.index.faiss_ivf`: cosine cells, candidates by the codes' estimate of the logit itself);
+Lance's own IVF types (RaBitQ codes by default, cosine partitions) remain for object-store URIs and
+older indexes. Either way the ``limit * refine_factor`` candidates are re-ranked by their exact logits
+on the stored vectors (with Lance's ``exact_rerank=r``, Lance first re-ranks ``r`` times as many
+code-selected rows by their exact vectors: at 10M rows the 1-bit codes limit recall; docs/index.md).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from wedetect.errors import WeDetectError
-from wedetect.index.faiss_ivf import FAISS_FOLDER, FAISS_INDEX_TYPE, FaissIVF
+from wedetect.index.faiss_ivf import FAISS_FOLDER, FAISS_INDEX_TYPE, FaissIVF, faiss_partitions
 from wedetect.index.faiss_ivf import STATE_FILE as FAISS_STATE_FILE
 from wedetect.index.store import (
     DEFAULT_ANN_METRIC,
@@ -273,13 +275,17 @@ class LanceDBStore(VectorStore):
             self._faiss = (stamp, FaissIVF.load(folder))
         return self._faiss[1]
 
-    def _scan_vectors(self, where: str | None = None, batch_rows: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(stable row ids, float32 vectors) of every row, or of the rows matching ``where``."""
+    def _scan_vectors(
+        self, where: str | None = None, batch_rows: int = 65536, columns: Sequence[str] = ("vector",)
+    ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        """(stable row ids, float32 vectors) of every row, or of the rows matching ``where``
+        (``columns=[]``: row ids only, vectors None)."""
         query = self._proposals.search()
         if where:
             query = query.where(where)
-        for b in query.select(["vector"]).with_row_id(True).to_batches(batch_size=batch_rows):
-            yield b.column("_rowid").to_numpy().astype(np.int64), _fixed(b.column("vector"))
+        for b in query.select(list(columns)).with_row_id(True).to_batches(batch_size=batch_rows):
+            ids = b.column("_rowid").to_numpy().astype(np.int64)
+            yield ids, _fixed(b.column("vector")) if columns else None
 
     def _unsynced(self, ivf: FaissIVF) -> str | None:
         """Filter for rows appended after the FAISS index was last synchronised (None: none can be)."""
@@ -288,21 +294,27 @@ class LanceDBStore(VectorStore):
         return f"_rowid >= {ivf.state.next_row_id}"
 
     def _sync_faiss(self) -> None:
-        """Fold rows appended since the last sync into the FAISS index and drop deleted ones."""
-        folder = self._faiss_folder()
-        if folder is None or not FaissIVF.exists(folder):
-            return
-        ivf = FaissIVF.load(folder, writable=True)
-        where = self._unsynced(ivf)
+        """Fold rows appended since the last sync into the FAISS index and drop deleted ones.
+
+        The FAISS file is rewritten only when rows came or went (at 10M rows it is 7.8 GB); a
+        version change alone (a compaction) only updates the state file."""
+        ivf = self._faiss_index()
+        where = None if ivf is None else self._unsynced(ivf)
         if where is None:
             return
-        for ids, vectors in self._scan_vectors(where):
-            ivf.add(ids, vectors)
-        if ivf.index.ntotal > self.count_proposals():  # rows were deleted since: drop their ids
-            live = np.concatenate([ids for ids, _ in self._scan_vectors()] or [np.zeros(0, np.int64)])
-            ivf.remove(np.setdiff1d(ivf.ids(), live))
-        ivf.state.table_version = self._proposals.version
-        ivf.save()
+        version, new, live = self._proposals.version, self._proposals.count_rows(where), self.count_proposals()
+        if new or ivf.index.ntotal + new != live:
+            ivf = FaissIVF.load(ivf.folder, writable=True)
+            for ids, vectors in self._scan_vectors(where):
+                ivf.add(ids, vectors)
+            if ivf.index.ntotal > live:  # rows were deleted since: drop their ids
+                kept = np.concatenate([ids for ids, _ in self._scan_vectors(columns=[])] or [np.zeros(0, np.int64)])
+                ivf.remove(np.setdiff1d(ivf.ids(), kept))
+            ivf.state.table_version = version
+            ivf.save()
+        else:
+            ivf.state.table_version = version
+            ivf.save_state()
         self._faiss = None
 
     # --- search -------------------------------------------------------------------------------------
@@ -336,26 +348,26 @@ class LanceDBStore(VectorStore):
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Row ids and vectors of the ``k`` best rows by code inner product, plus each query's ``k``
         best rows (exactly) among those appended since the index was last synchronised."""
-        found = [(ids, self._vectors(ids)) for ids in ivf.search(queries, k, nprobes)]
+        found = [[self._vectors(ids)] for ids in ivf.search(queries, k, nprobes)]
         where = self._unsynced(ivf)
-        if where is None:
-            return found
-        fresh = [(np.zeros(0, np.int64), np.zeros((0, self.meta.vector_dim), np.float32)) for _ in queries]
-        for ids, vectors in self._scan_vectors(where):
-            logits = vectors @ queries.T  # (n, Q)
-            for i in range(len(queries)):
-                best = np.argsort(-logits[:, i], kind="stable")[:k]
-                fresh[i] = (np.concatenate([fresh[i][0], ids[best]]), np.concatenate([fresh[i][1], vectors[best]]))
-        return [(np.concatenate([a[0], b[0]]), np.concatenate([a[1], b[1]])) for a, b in zip(found, fresh)]
+        for ids, vectors in self._scan_vectors(where) if where else ():
+            for parts, logits in zip(found, (vectors @ queries.T).T):
+                best = np.argsort(-logits, kind="stable")[:k]
+                parts.append((ids[best], vectors[best]))
+        return [(np.concatenate([i for i, _ in parts]), np.concatenate([v for _, v in parts])) for parts in found]
 
-    def _vectors(self, row_ids: np.ndarray) -> np.ndarray:
-        """float32 vectors of these rows, in this order (rows deleted meanwhile come back as NaN)."""
-        rows = self._proposals.take_row_ids(row_ids.tolist()).select(["vector"]).with_row_id().to_arrow()
-        out = np.full((len(row_ids), self.meta.vector_dim), np.nan, np.float32)
-        where = {int(r): i for i, r in enumerate(rows.column("_rowid").to_numpy())}  # take reorders
-        have = [k for k, r in enumerate(row_ids.tolist()) if r in where]
-        out[have] = _fixed(rows.column("vector"))[[where[int(row_ids[k])] for k in have]]
-        return out
+    def _take(self, row_ids: np.ndarray, columns: list[str]) -> tuple[pa.Table, np.ndarray]:
+        """Rows by stable row id in the order asked (take returns its own order), and the positions in
+        ``row_ids`` of those still there (a row deleted by a concurrent writer is dropped)."""
+        rows = self._proposals.take_row_ids(row_ids.tolist()).select(columns).with_row_id().to_arrow()
+        where = {int(r): i for i, r in enumerate(rows.column("_rowid").to_numpy())}
+        kept = np.array([k for k, r in enumerate(row_ids.tolist()) if r in where], dtype=np.int64)
+        return rows.take([where[int(row_ids[k])] for k in kept]), kept
+
+    def _vectors(self, row_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row ids, float32 vectors) of the rows still there, in the order asked."""
+        rows, kept = self._take(row_ids, ["vector"])
+        return row_ids[kept], _fixed(rows.column("vector"))
 
     def _lance_candidates(
         self, queries: np.ndarray, k: int, nprobes: int, exact_rerank: int
@@ -377,15 +389,8 @@ class LanceDBStore(VectorStore):
     def _rank_candidates(self, q: np.ndarray, row_ids: np.ndarray, vectors: np.ndarray, limit: int) -> RawHits:
         """The ``limit`` best candidates by their exact official logit, with their other columns (read
         for the winners only: each column read per candidate row costs about as much as the vector)."""
-        live = ~np.isnan(vectors[:, 0])
-        row_ids, vectors = row_ids[live], vectors[live]
         order, logits = best_by_logit(vectors, q, limit)
-        row_ids = row_ids[order]
-        rows = self._proposals.take_row_ids(row_ids.tolist()).select(_META_COLUMNS).with_row_id().to_arrow()
-        where = {int(r): i for i, r in enumerate(rows.column("_rowid").to_numpy())}  # take reorders
-        # A row deleted by a concurrent writer between the two reads is dropped, not an error.
-        kept = [k for k, r in enumerate(row_ids.tolist()) if r in where]
-        rows = rows.take([where[int(row_ids[k])] for k in kept])
+        rows, kept = self._take(row_ids[order], _META_COLUMNS)
         rows = rows.append_column("vector", _fixed_list(vectors[order[kept]], self.meta.vector_dim, pa.float32()))
         return RawHits(arrow_to_batch(rows), logits[kept])
 
@@ -417,12 +422,13 @@ class LanceDBStore(VectorStore):
             raise WeDetectError(
                 f"the index holds {n} proposals; an ANN index needs at least 256 (exact search is used)"
             )
-        # About 8k rows per partition: cheap k-means assignment on few cores, and a probe of 16-64
-        # partitions scans only a few hundred thousand compressed codes.
-        params: dict = {"num_partitions": num_partitions or max(1, min(n // 8192, 8192))}
         if index_type == FAISS_INDEX_TYPE:
+            params: dict = {"num_partitions": num_partitions or faiss_partitions(n)}
             self._build_faiss(metric, params["num_partitions"], progress)
         else:
+            # About 8k rows per partition: cheap k-means on few cores; a probe of 64 partitions scans
+            # only a few hundred thousand compressed codes.
+            params = {"num_partitions": num_partitions or max(1, min(n // 8192, 8192))}
             self._build_lance(index_type, metric, params, num_sub_vectors)
         return {"index_type": index_type, "metric": metric, "rows": n, **params}
 

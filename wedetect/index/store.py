@@ -315,10 +315,11 @@ class VectorStore(ABC):
         """Build an approximate index for large collections; returns what was built.
 
         Backends partition by ``metric`` (default ``"cosine"``: by direction) and search returns
-        ``limit * refine_factor`` candidates by that metric, ranked by their exact logit
-        (:func:`best_by_logit`). With LanceDB's ``exact_rerank=r``, the best
-        ``limit * refine_factor * r`` by compressed codes are re-ranked on their exact vectors
-        before that cut.
+        ``limit * refine_factor`` candidates, ranked by their exact logit (:func:`best_by_logit`).
+        LanceDB's default FAISS index picks the candidates by the inner product of 8-bit codes (an
+        estimate of the logit); Lance's own IVF types and Milvus pick them by the partition metric,
+        and with Lance's ``exact_rerank=r`` the best ``limit * refine_factor * r`` by compressed codes
+        are re-ranked on their exact vectors before that cut.
         Directions are what a unit text query separates: in the noise-dominated embeddings of
         ``benchmarks/index_search.py``, inner-product or L2 k-means scatters one object kind over
         many cells, cosine k-means keeps it in one or two (docs/index.md).
