@@ -165,3 +165,22 @@ def test_add_ann_options_reach_the_index_build(env):
     r = _add(env, "--ann")  # a handful of proposals: refused in one line, the images stay indexed
     assert r.exit_code != 0 and "an ANN index needs at least 256" in r.output
     assert ObjectIndex.open(env / "idx").info()["images"] == 7
+
+
+def test_add_ann_type_and_info(env):
+    make_images(env / "many", 90, size=(40, 60))  # about 400 proposals: enough for an ANN index
+    args = ("add", "--uni-checkpoint", env / "uni.pth", "--index", env / "idx", "--images", env / "many")
+    args += ("--no-progress", "--device", "cpu", "--ann-partitions", "2")
+    r = _run(*args, "--ann", "--ann-type", "HNSW")
+    assert r.exit_code != 0 and "unknown ANN index type 'HNSW'" in r.output and "Traceback" not in r.output
+    r = _run(*args, "--ann", "--ann-type", "IVF_FLAT", "--json", "-")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["ann_index"]["index_type"] == "IVF_FLAT"
+    r = _run("info", "--index", env / "idx")
+    assert "ANN index: IVF_FLAT" in r.output
+    r = _run(*args, "--ann", "--json", "-")  # the default type for a local index
+    assert json.loads(r.stdout)["ann_index"]["index_type"] == "FAISS_IVF_SQ8"
+    r = _run("info", "--index", env / "idx", "--json", "-")
+    assert json.loads(r.stdout)["ann_index"] == "FAISS_IVF_SQ8"
+    r = _run("search", "--index", env / "idx", "--checkpoint", env / "det.pth", "--text", "dog", "--json", "-")
+    assert r.exit_code == 0 and len(json.loads(r.stdout)[0]["hits"]) == 20

@@ -35,7 +35,8 @@ def test_default_ann_index_is_faiss_and_probing_everything_is_exact(tmp_path):
     store = _store(tmp_path)
     built = store.build_ann_index(num_partitions=3)
     assert built["index_type"] == FAISS_INDEX_TYPE and built["metric"] == "cosine"
-    assert store.has_ann_index() and FaissIVF.exists(tmp_path / "idx" / FAISS_FOLDER)
+    assert store.ann_index_type() == FAISS_INDEX_TYPE and FaissIVF.exists(tmp_path / "idx" / FAISS_FOLDER)
+    assert ObjectIndex.open(tmp_path / "idx").info()["ann_index"] == FAISS_INDEX_TYPE
     index = ObjectIndex.open(tmp_path / "idx")
     texts = _texts(2, 9, 14)
     exact = index.search_embeddings(texts, top_k=15, exact=True)
@@ -112,7 +113,7 @@ def test_one_ann_index_at_a_time(tmp_path):
     assert store._lance_index() is None and store._faiss_index() is not None
     store.build_ann_index(index_type="IVF_FLAT", num_partitions=2)
     assert store._faiss_index() is None and not (tmp_path / "idx" / FAISS_FOLDER).exists()
-    assert store.has_ann_index()
+    assert store.ann_index_type() == "IVF_FLAT"
 
 
 def test_faiss_refusals(tmp_path):

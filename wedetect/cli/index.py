@@ -238,7 +238,7 @@ def info(index: str = Index, backend: str = Backend, json_out: JsonOut = None) -
         say(
             f"{summary['location']}: {summary['images']} images, {summary['proposals']} proposals, "
             f"{len(summary['failed'])} failed; model {model.get('name')} (sha256 {str(model.get('sha256'))[:12]}), "
-            f"{summary['embed_dim']}-d embeddings; ANN index: {'yes' if summary['ann_index'] else 'no'}",
+            f"{summary['embed_dim']}-d embeddings; ANN index: {summary['ann_index'] or 'none (exact search)'}",
             json_out,
         )
         for f in summary["failed"]:

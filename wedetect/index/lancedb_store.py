@@ -254,8 +254,12 @@ class LanceDBStore(VectorStore):
             tbl.optimize()
         self._sync_faiss()
 
-    def has_ann_index(self) -> bool:
-        return self._faiss_index() is not None or self._lance_index() is not None
+    def ann_index_type(self) -> str | None:
+        if self._faiss_index() is not None:
+            return FAISS_INDEX_TYPE
+        idx = self._lance_index()
+        names = {config: name for name, config in _LANCE_INDEX_CONFIGS.items()}
+        return None if idx is None else names.get(idx.index_type, idx.index_type)
 
     def _lance_index(self):
         return next((idx for idx in self._proposals.list_indices() if "vector" in idx.columns), None)

@@ -254,8 +254,9 @@ class MilvusStore(VectorStore):
         info = self._client.describe_index(self._p, index_name="vector") or {}
         return info if info.get("index_type", "FLAT") != "FLAT" else None
 
-    def has_ann_index(self) -> bool:
-        return self._ann_info() is not None
+    def ann_index_type(self) -> str | None:
+        info = self._ann_info()
+        return None if info is None else str(info["index_type"])
 
     def search(self, queries: np.ndarray, limit: int, *, exact: bool | None = None, **ann) -> list[RawHits]:
         if limit <= 0:

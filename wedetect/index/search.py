@@ -175,7 +175,7 @@ class ObjectIndex:
             "embed_dim": self.store.meta.embed_dim,
             "vector_dim": self.store.meta.vector_dim,
             "model": self.store.meta.model,
-            "ann_index": bool(self.store.has_ann_index()),
+            "ann_index": self.store.ann_index_type(),  # None: searches are exact
         }
 
     def build_ann_index(self, **params) -> dict:

@@ -307,9 +307,12 @@ class VectorStore(ABC):
     def search(self, queries: np.ndarray, limit: int, *, exact: bool | None = None, **ann) -> list[RawHits]:
         """Top-``limit`` proposals by inner product per query row of ``queries`` (Q, vector_dim)."""
 
+    def ann_index_type(self) -> str | None:
+        """Type of the approximate index searches go through, or None (searches are exact)."""
+        return None
+
     def has_ann_index(self) -> bool:
-        """Whether searches go through an approximate index (else they are exact)."""
-        return False
+        return self.ann_index_type() is not None
 
     def build_ann_index(self, **params) -> dict:
         """Build an approximate index for large collections; returns what was built.
