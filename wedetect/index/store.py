@@ -37,9 +37,10 @@ EXACT_CHUNK_ROWS = 65536
 # benchmark, at about the latency of 32), and 10x top-k candidates re-ranked by the exact logit.
 DEFAULT_NPROBES = 64
 DEFAULT_REFINE_FACTOR = 10
-# The FAISS IVF-SQ8 index ranks candidates by (nearly) the logit itself: fewer cells and candidates.
+# The FAISS IVF-SQ8 index ranks candidates by (nearly) the logit itself: fewer cells and candidates
+# (10M rows, 2,441 cells: recall@100 1.000 at 28 ms p50; 8 probes are as good, 16 leave a margin).
 FAISS_NPROBES = 16
-FAISS_REFINE_FACTOR = 4
+FAISS_REFINE_FACTOR = 2
 # LanceDB: how many times more rows the compressed codes pre-select, to be re-ranked by their exact
 # vectors (by the index metric) before the candidate cut; 1 = off (candidates straight from the codes).
 DEFAULT_EXACT_RERANK = 1
