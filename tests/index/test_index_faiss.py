@@ -12,7 +12,7 @@ from index_fakes import MODEL, unit_texts
 from test_index_ann import CENTRES, _add
 
 from wedetect.errors import WeDetectError
-from wedetect.index import IndexMeta, ObjectIndex, open_store
+from wedetect.index import IndexMeta, ObjectIndex, lancedb_store, open_store
 from wedetect.index.faiss_ivf import FAISS_FOLDER, FAISS_INDEX_TYPE, STATE_FILE, FaissIVF
 from wedetect.index.store import query_vectors, vector_dim_for
 
@@ -64,15 +64,25 @@ def test_candidates_come_by_inner_product_not_cosine(tmp_path):
         assert len(got & by_logit) >= 9, "candidates should follow the logit"
 
 
-def test_appended_rows_are_found_before_and_after_the_sync(tmp_path):
+def test_appended_rows_are_found_before_and_after_the_sync(tmp_path, monkeypatch):
     store = _store(tmp_path)
     store.build_ann_index(num_partitions=3)
     folder = tmp_path / "idx" / FAISS_FOLDER
     before = FaissIVF.load(folder).state
     _add(store, 1000, 10, seed=15, clusters=slice(15, 16))  # new cluster, after the build
     texts = _texts(15, seed=16)
-    hits = ObjectIndex.open(tmp_path / "idx").search_embeddings(texts, top_k=20)[0]
+    index = ObjectIndex.open(tmp_path / "idx")
+    hits = index.search_embeddings(texts, top_k=20)[0]
     assert all(h.image_id >= 1000 for h in hits), "rows appended after the FAISS build were missed"
+    scans = []
+    scan = index.store._scan_vectors
+    index.store._scan_vectors = lambda *a, **k: scans.append(a) or scan(*a, **k)
+    assert _keys(index.search_embeddings(texts, top_k=20)[0]) == _keys(hits)
+    assert not scans, "the appended rows should be read once per table version, not every search"
+    monkeypatch.setattr(lancedb_store, "_FRESH_CACHE_ROWS", 10)  # too many to keep: streamed each search
+    streamed = ObjectIndex.open(tmp_path / "idx")
+    assert _keys(streamed.search_embeddings(texts, top_k=20)[0]) == _keys(hits)
+    assert streamed.store._fresh is None
 
     store.optimize()  # what `index add` runs at the end: folds the new rows into the FAISS file
     after = FaissIVF.load(folder)

@@ -281,8 +281,15 @@ class MilvusStore(VectorStore):
         return [RawHits.rerank(self._to_batch([h["entity"] for h in hits]), q, limit) for q, hits in zip(queries, res)]
 
     def build_ann_index(
-        self, *, index_type: str = "IVF_FLAT", metric: str = DEFAULT_ANN_METRIC, num_partitions: int | None = None, **_
+        self,
+        *,
+        index_type: str | None = None,
+        metric: str = DEFAULT_ANN_METRIC,
+        num_partitions: int | None = None,
+        **_,
     ) -> dict:
+        """IVF_FLAT by default (Milvus Lite has FLAT and IVF_FLAT only; a cluster takes its other types)."""
+        index_type = index_type or "IVF_FLAT"
         check_ann_metric(metric)
         n = self.count_proposals()
         nlist = num_partitions or max(1, min(int(np.sqrt(n)), 65536))
