@@ -160,3 +160,29 @@ def test_ann_parameters_below_one_are_refused_by_every_backend(tmp_path, backend
     index = ObjectIndex.open(tmp_path / backend)
     with pytest.raises(WeDetectError, match=f"{param} must be a positive integer, got 0"):
         index.search_embeddings(_texts(1), top_k=5, **{param: 0})
+
+
+def test_a_sync_killed_before_its_state_swap_leaves_the_old_index(tmp_path, monkeypatch):
+    """The new FAISS file is written under a new name and the state file swapped last: a crash in
+    between keeps the old, consistent index (the appended rows still found exactly), and the next
+    sync removes the orphan file."""
+    store = _store(tmp_path)
+    store.build_ann_index(num_partitions=3)
+    folder = tmp_path / "idx" / FAISS_FOLDER
+    old = FaissIVF.load(folder).state
+    _add(store, 1000, 10, seed=20, clusters=slice(15, 16))
+
+    def crash(self):
+        raise OSError("killed")
+
+    monkeypatch.setattr(FaissIVF, "save_state", crash)
+    with pytest.raises(OSError):
+        store.optimize()
+    monkeypatch.undo()
+    assert len(list(folder.glob("ivf-*.faiss"))) == 2  # the orphan beside the old file
+    assert FaissIVF.load(folder).state.file == old.file
+    hits = ObjectIndex.open(tmp_path / "idx").search_embeddings(_texts(15, seed=21), top_k=20)[0]
+    assert all(h.image_id >= 1000 for h in hits)
+    store.optimize()
+    assert [p.name for p in folder.glob("ivf-*.faiss")] == [FaissIVF.load(folder).state.file]
+    assert FaissIVF.load(folder).state.rows == store.count_proposals()
