@@ -186,3 +186,11 @@ def test_a_sync_killed_before_its_state_swap_leaves_the_old_index(tmp_path, monk
     store.optimize()
     assert [p.name for p in folder.glob("ivf-*.faiss")] == [FaissIVF.load(folder).state.file]
     assert FaissIVF.load(folder).state.rows == store.count_proposals()
+
+
+def test_a_faiss_index_larger_than_memory_is_refused_before_any_work():
+    from wedetect.index.faiss_ivf import check_memory
+
+    check_memory(10_000_000, 784, total=24 << 30)  # 7.3 GiB of codes on 24 GiB: fine
+    with pytest.raises(WeDetectError, match=r"needs about 73\.0 GiB of RAM.*--ann-type IVF_RQ"):
+        check_memory(100_000_000, 784, total=24 << 30)

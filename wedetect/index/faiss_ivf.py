@@ -56,6 +56,22 @@ def faiss_partitions(rows: int) -> int:
     return max(1, min(max(rows // ROWS_PER_CELL, MIN_CELLS), rows // MIN_ROWS_PER_CELL))
 
 
+def check_memory(rows: int, dim: int, *, total: int | None = None) -> None:
+    """Refuse a build or update whose codes (one byte per dimension per row, held in RAM while the
+    index is built or updated) would not fit in 80 % of this machine's memory."""
+    if total is None:
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # not reported (non-POSIX): do not guess
+            return
+    need = rows * dim
+    if need > 0.8 * total:
+        raise WeDetectError(
+            f"the FAISS index of {rows:,} proposals needs about {need / 2**30:.1f} GiB of RAM to build or update, "
+            f"more than this machine's {total / 2**30:.1f} GiB allow; use --ann-type IVF_RQ (disk-based, inside LanceDB)"
+        )
+
+
 def _faiss():
     try:
         import faiss
@@ -142,6 +158,7 @@ class FaissIVF:
         faiss = _faiss()
         from tqdm.auto import tqdm
 
+        check_memory(rows, dim)
         want = min(rows, TRAIN_ROWS_PER_CELL * num_partitions)
         rng = np.random.default_rng(seed)
         parts = []

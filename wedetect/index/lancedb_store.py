@@ -26,8 +26,14 @@ import numpy as np
 import pyarrow as pa
 
 from wedetect.errors import WeDetectError
-from wedetect.index.faiss_ivf import FAISS_FOLDER, FAISS_INDEX_TYPE, FaissIVF, faiss_partitions
+from wedetect.index.faiss_ivf import (
+    FAISS_FOLDER,
+    FAISS_INDEX_TYPE,
+    FaissIVF,
+    faiss_partitions,
+)
 from wedetect.index.faiss_ivf import STATE_FILE as FAISS_STATE_FILE
+from wedetect.index.faiss_ivf import check_memory as check_faiss_memory
 from wedetect.index.store import (
     DEFAULT_ANN_METRIC,
     DEFAULT_EXACT_RERANK,
@@ -311,6 +317,7 @@ class LanceDBStore(VectorStore):
             return
         version, new, live = self._proposals.version, self._proposals.count_rows(where), self.count_proposals()
         if new or ivf.index.ntotal + new != live:
+            check_faiss_memory(ivf.index.ntotal + new, self.meta.vector_dim)
             ivf = FaissIVF.load(ivf.folder, writable=True)
             for ids, vectors in self._scan_vectors(where):
                 ivf.add(ids, vectors)
