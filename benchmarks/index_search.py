@@ -117,10 +117,17 @@ def fill(store: LanceDBStore, syn: Synthetic, rows: int, chunk_rows: int) -> flo
     return time.perf_counter() - t0
 
 
-def drop_page_cache() -> None:
-    """Evict clean pages (index files included) so the next read goes to the disk."""
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("1\n")
+def drop_page_cache(loc: Path, keep_ann: bool) -> None:
+    """Evict the index's files from the OS page cache (all of them, or all but the ANN index's), so
+    the next reads of them go to the disk."""
+    ann = {p for d in (loc / "ann_faiss", loc / "proposals.lance" / "_indices") for p in d.rglob("*")}
+    for path in loc.rglob("*"):
+        if path.is_file() and not (keep_ann and path in ann):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 def stage(result: dict, **values) -> None:
@@ -195,9 +202,12 @@ def main() -> None:
     ap.add_argument("--refine-factor", default="10", help="comma-separated values to sweep")
     ap.add_argument("--exact-rerank", default="1", help="comma-separated values to sweep (LanceDB; 1: off)")
     ap.add_argument(
-        "--cold",
-        action="store_true",
-        help="drop the OS page cache before every timed query (Linux, root): the latency of a first query",
+        "--cache",
+        default="warm",
+        choices=["warm", "rows-cold", "cold"],
+        help="OS page cache before every timed query: warm (as the previous queries left it), rows-cold (the "
+        "table's files evicted, the ANN index's kept: the index in memory, the rows on disk), cold (every "
+        "index file evicted: every byte from the disk)",
     )
     ap.add_argument("--exact-runs", type=int, default=1, help="single-query brute-force passes timed")
     ap.add_argument("--pipeline-images", type=int, default=64, help="images for the indexing-throughput run (0: skip)")
@@ -268,15 +278,15 @@ def main() -> None:
             store.search(q[:3], args.k, exact=False, **opts)  # warm up
             lat, recall = [], []
             for i in range(args.queries):
-                if args.cold:
-                    drop_page_cache()
+                if args.cache != "warm":
+                    drop_page_cache(loc, keep_ann=args.cache == "rows-cold")
                 t0 = time.perf_counter()
                 (hits,) = store.search(q[i : i + 1], args.k, exact=False, **opts)
                 lat.append(time.perf_counter() - t0)
                 recall.append(len(keys(hits) & truth[i]) / args.k)
             p50 = float(np.percentile(lat, 50)) * 1e3
             row = opts | {
-                "cache": "cold" if args.cold else "warm",
+                "cache": args.cache,
                 "p50_ms": round(p50, 2),
                 "p95_ms": round(float(np.percentile(lat, 95)) * 1e3, 2),
                 f"recall@{args.k}": round(float(np.mean(recall)), 4),
