@@ -24,9 +24,10 @@ def test_index_search_benchmark_probing_everything_is_exact(tmp_path):
     """3,000 proposals, 4 cells all probed with 50x candidates (every row): recall@100 must be 1."""
     proc = _run("benchmarks/index_search.py", "--rows", "3000", "--dir", str(tmp_path), "--queries", "4",
                 "--clusters", "8", "--partitions", "4", "--nprobes", "1,4", "--refine-factor", "50",
-                "--pipeline-images", "3")  # fmt: skip
+                "--pipeline-images", "3", "--cache", "rows-cold")  # fmt: skip
     result = json.loads(proc.stdout)
     assert result["rows"] == 3000 and result["index"]["metric"] == "cosine"
+    assert result["index"]["index_type"] == "FAISS_IVF_SQ8" and result["search"][0]["cache"] == "rows-cold"
     sweep = {row["nprobes"]: row for row in result["search"]}
     assert sweep[4]["recall@100"] == 1.0 and sweep[4]["min_recall@100"] == 1.0
     assert 0 <= sweep[1]["recall@100"] <= 1 and sweep[1]["p50_ms"] > 0
