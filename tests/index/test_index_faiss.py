@@ -194,3 +194,24 @@ def test_a_faiss_index_larger_than_memory_is_refused_before_any_work():
     check_memory(10_000_000, 784, total=24 << 30)  # 7.3 GiB of codes on 24 GiB: fine
     with pytest.raises(WeDetectError, match=r"needs about 73\.0 GiB of RAM.*--ann-type IVF_RQ"):
         check_memory(100_000_000, 784, total=24 << 30)
+
+
+def test_a_failed_faiss_write_leaves_the_previous_index_in_use(tmp_path, monkeypatch):
+    import faiss
+
+    store = _store(tmp_path)
+    store.build_ann_index(num_partitions=3)
+    folder = tmp_path / "idx" / FAISS_FOLDER
+    before = sorted(p.name for p in folder.iterdir())
+    _add(store, 1000, 10, seed=22, clusters=slice(15, 16))
+
+    def full(index, path):
+        open(path, "wb").write(b"partial")
+        raise RuntimeError("No space left on device")
+
+    monkeypatch.setattr(faiss, "write_index", full)
+    with pytest.raises(WeDetectError, match="No space left on device.*searches keep using the previous one"):
+        store.optimize()
+    assert sorted(p.name for p in folder.iterdir()) == before  # no partial file, the old state
+    hits = ObjectIndex.open(tmp_path / "idx").search_embeddings(_texts(15, seed=23), top_k=20)[0]
+    assert all(h.image_id >= 1000 for h in hits)

@@ -126,9 +126,16 @@ class FaissIVF:
         """Write a new FAISS file, then swap the state file to it (atomic), then drop the old file."""
         faiss = _faiss()
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.state.file = f"ivf-{uuid.uuid4().hex[:12]}.faiss"
-        self.state.rows = int(self.index.ntotal)
-        faiss.write_index(self.index, str(self.folder / self.state.file))
+        name = f"ivf-{uuid.uuid4().hex[:12]}.faiss"
+        try:
+            faiss.write_index(self.index, str(self.folder / name))
+        except (RuntimeError, OSError) as e:  # disk full, permissions: the previous file stays in use
+            (self.folder / name).unlink(missing_ok=True)
+            raise WeDetectError(
+                f"writing the FAISS index in {self.folder} failed ({e}); searches keep using the previous one "
+                "(rows it lacks are still found, exactly): fix the cause and rerun `wedetect index add`"
+            ) from e
+        self.state.file, self.state.rows = name, int(self.index.ntotal)
         self.save_state()
         for stale in self.folder.glob("ivf-*.faiss"):  # the old file, and any a crash left behind
             if stale.name != self.state.file:
