@@ -215,3 +215,10 @@ def test_a_failed_faiss_write_leaves_the_previous_index_in_use(tmp_path, monkeyp
     assert sorted(p.name for p in folder.iterdir()) == before  # no partial file, the old state
     hits = ObjectIndex.open(tmp_path / "idx").search_embeddings(_texts(15, seed=23), top_k=20)[0]
     assert all(h.image_id >= 1000 for h in hits)
+
+
+def test_ann_search_asked_of_an_index_without_one_is_a_clear_error(tmp_path):
+    store = _store(tmp_path)
+    with pytest.raises(WeDetectError, match="has no ANN index: build one with `wedetect index add --ann`"):
+        ObjectIndex.open(tmp_path / "idx").search_embeddings(_texts(1), top_k=5, exact=False)
+    assert len(store.search(query_vectors(_texts(1), store.meta.vector_dim), 5)[0].logits) == 5  # default: exact

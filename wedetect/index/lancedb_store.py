@@ -345,10 +345,14 @@ class LanceDBStore(VectorStore):
         if limit <= 0:
             raise WeDetectError("search limit must be positive")
         check_ann_params(nprobes=nprobes, refine_factor=refine_factor, exact_rerank=exact_rerank)
-        if exact or (exact is None and not self.has_ann_index()):
+        ivf = None if exact else self._faiss_index()
+        if exact or (ivf is None and self._lance_index() is None):
+            if exact is False:
+                raise WeDetectError(
+                    f"{self.location} has no ANN index: build one with `wedetect index add --ann`, or search exactly"
+                )
             return exact_search(self._exact_batches(), queries, limit, device=self.device)
         queries = np.asarray(queries, dtype=np.float32)
-        ivf = self._faiss_index()
         if ivf is not None:
             cands = self._faiss_candidates(ivf, queries, limit * (refine_factor or FAISS_REFINE_FACTOR),
                                            nprobes or FAISS_NPROBES)
