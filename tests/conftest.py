@@ -11,23 +11,39 @@ from paths import FIXTURES, parity_dir  # noqa: E402
 from tokenizer_utils import make_tiny_tokenizer  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def official_checkpoint(tmp_path_factory):
+class OfficialCheckpoints:
     """keys file name -> an official-format checkpoint built from it with the deterministic weights.
 
     Looked up in the parity folder first, then in the project's fixtures; each is built once per session.
+    The files are large (Tiny 1.3 GB, Large 3.2 GB: full XLM-R text towers), so `release` deletes one
+    once its last test is done, and the session deletes the rest: pytest keeps the temporary folders
+    of its last three runs, and CI runs on the machine that ran them.
     """
-    built: dict[str, Path] = {}
 
-    def get(keys_name: str) -> Path:
-        if keys_name not in built:
+    def __init__(self, tmp_path_factory):
+        self._tmp = tmp_path_factory
+        self._built: dict[str, Path] = {}
+
+    def __call__(self, keys_name: str) -> Path:
+        if keys_name not in self._built:
             src = parity_dir() / keys_name
             src = src if src.exists() else FIXTURES / keys_name
-            out = tmp_path_factory.mktemp("ckpt") / (Path(keys_name).stem.replace("keys_", "wedetect_") + ".pth")
-            built[keys_name] = write_official(src, out)
-        return built[keys_name]
+            out = self._tmp.mktemp("ckpt") / (Path(keys_name).stem.replace("keys_", "wedetect_") + ".pth")
+            self._built[keys_name] = write_official(src, out)
+        return self._built[keys_name]
 
-    return get
+    def release(self, keys_name: str) -> None:
+        path = self._built.pop(keys_name, None)
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def official_checkpoint(tmp_path_factory):
+    checkpoints = OfficialCheckpoints(tmp_path_factory)
+    yield checkpoints
+    for name in list(checkpoints._built):
+        checkpoints.release(name)
 
 
 @pytest.fixture(scope="session")

@@ -122,6 +122,7 @@ def test_save_round_trip_pth_and_safetensors(tiny_official, tmp_path, demo_image
             assert set(raw) == {"state_dict", "meta"}
             assert sorted(raw["state_dict"]) == sorted(read_state_dict(tiny_official))
         again = WeDetect.from_pretrained(tmp_path / name)
+        (tmp_path / name).unlink()  # 1.3 GB each
         again.set_class_embeddings(emb[:2], ["a", "b"], blank_embedding=emb[2])
         out = again.predict(demo_image, threshold=0.0)[0]
         assert torch.equal(out.boxes, ref.boxes) and torch.equal(out.scores, ref.scores)
@@ -133,6 +134,7 @@ def test_large_checkpoint_builds_loads_and_runs(official_checkpoint, demo_image,
     """No Large fixture exists: load the official Large layout strictly and check the 1280 path."""
     path = official_checkpoint("keys_detector_large.json")
     ckpt_model = build_from_checkpoint(__import__("wedetect").load_official(path, "detector"))
+    official_checkpoint.release("keys_detector_large.json")  # 3.2 GB on disk, no other test uses it
     assert ckpt_model.config.name == "large" and ckpt_model.config.input_size == 1280
     assert ckpt_model.text_tower.encoder.config.hidden_size == 1024
     model = WeDetect(ckpt_model)
