@@ -31,6 +31,13 @@ def _keys(hits):
     return [(h.image_id, round(h.logit, 3)) for h in hits]
 
 
+def _assert_same_hits(got, want):
+    """Same objects in the same order, logits equal up to float32 summation order."""
+    for g, w in zip(got, want, strict=True):
+        assert [h.image_id for h in g] == [h.image_id for h in w]
+        np.testing.assert_allclose([h.logit for h in g], [h.logit for h in w], rtol=1e-5)
+
+
 def test_default_ann_index_is_faiss_and_probing_everything_is_exact(tmp_path):
     store = _store(tmp_path)
     built = store.build_ann_index(num_partitions=3)
@@ -97,6 +104,55 @@ def test_appended_rows_are_found_before_and_after_the_sync(tmp_path, monkeypatch
     again = FaissIVF.load(folder).state
     assert again.file == after.state.file, "a sync with no rows to add or drop rewrote the FAISS file"
     assert again.table_version == store._proposals.version
+
+
+def test_small_appends_go_to_the_delta_file_until_it_is_merged(tmp_path):
+    """An update that only appends a few rows writes the small delta file and leaves the main file
+    alone; searches scan both; past DELTA_MAX_FRACTION of the main file's rows the two are merged."""
+    store = _store(tmp_path)  # 600 rows: the delta holds up to 60
+    store.build_ann_index(num_partitions=3)
+    folder = tmp_path / "idx" / FAISS_FOLDER
+    main = FaissIVF.load(folder).state.file
+    for first, images in ((1000, 3), (1003, 3)):  # 30 rows, then 60
+        _add(store, first, images, seed=first, clusters=slice(15, 16))
+        store.optimize()
+        state = FaissIVF.load(folder).state
+        assert state.file == main, "a small append rewrote the main FAISS file"
+        assert state.rows == 600 and state.delta_rows == 10 * (first - 1000 + images)
+        assert sorted(p.name for p in folder.glob("ivf-*.faiss")) == sorted([main, state.delta_file])
+    index = ObjectIndex.open(tmp_path / "idx")
+    ivf = index.store._faiss_index()
+    assert index.store._unsynced(ivf) is None, "the appended rows should come from the delta, not a table scan"
+    assert sorted(ivf.ids().tolist()) == sorted(np.concatenate([i for i, _ in store._scan_vectors()]).tolist())
+    texts = _texts(15, 2, 9, seed=25)
+    exact = index.search_embeddings(texts, top_k=15, exact=True)
+    ann = index.search_embeddings(texts, top_k=15, nprobes=3, refine_factor=50)  # 750 candidates >= 660 rows
+    _assert_same_hits(ann, exact)
+    assert all(h.image_id >= 1000 for h in ann[0])
+
+    _add(store, 1006, 1, seed=26, clusters=slice(15, 16))  # 70 rows would not fit: merged
+    store.optimize()
+    state = FaissIVF.load(folder).state
+    assert state.file != main and (state.rows, state.delta_file, state.delta_rows) == (670, "", 0)
+    assert [p.name for p in folder.glob("ivf-*.faiss")] == [state.file]
+    index = ObjectIndex.open(tmp_path / "idx")
+    merged = index.search_embeddings(texts, top_k=15, nprobes=3, refine_factor=50)
+    _assert_same_hits(merged, index.search_embeddings(texts, top_k=15, exact=True))
+
+
+def test_deleting_rows_merges_the_delta_and_drops_them(tmp_path):
+    store = _store(tmp_path)
+    store.build_ann_index(num_partitions=3)
+    _add(store, 1000, 2, seed=27, clusters=slice(15, 16))
+    store.optimize()
+    folder = tmp_path / "idx" / FAISS_FOLDER
+    assert FaissIVF.load(folder).state.delta_rows == 20
+    store.remove_images([0, 1000])
+    store.optimize()
+    ivf = FaissIVF.load(folder)
+    assert (ivf.state.rows, ivf.state.delta_rows) == (600 + 20 - 20, 0)
+    live = np.concatenate([ids for ids, _ in store._scan_vectors()])
+    assert sorted(ivf.ids().tolist()) == sorted(live.tolist())
 
 
 def test_deleted_rows_are_dropped_then_removed(tmp_path):

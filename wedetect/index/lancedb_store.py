@@ -309,19 +309,24 @@ class LanceDBStore(VectorStore):
     def _sync_faiss(self) -> None:
         """Fold rows appended since the last sync into the FAISS index and drop deleted ones.
 
-        The FAISS file is rewritten only when rows came or went (at 10M rows it is 7.8 GB); a
-        version change alone (a compaction) only updates the state file."""
+        Appended rows go to the small delta file while it has room; the main file (7.8 GB at 10M
+        rows) is rewritten only to merge a full delta or drop deleted rows. A version change alone
+        (a compaction) only updates the state file."""
         ivf = self._faiss_index()
         where = None if ivf is None else self._unsynced(ivf)
         if where is None:
             return
         version, new, live = self._proposals.version, self._proposals.count_rows(where), self.count_proposals()
-        if new or ivf.index.ntotal + new != live:
-            check_faiss_memory(ivf.index.ntotal + new, self.meta.vector_dim)
-            ivf = FaissIVF.load(ivf.folder, writable=True)
+        deleted = ivf.ntotal + new != live
+        if new or deleted:
+            merge = deleted or not ivf.delta_has_room(new)
+            check_faiss_memory((ivf.ntotal if merge else ivf.state.delta_rows) + new, self.meta.vector_dim)
+            ivf = FaissIVF.load(ivf.folder, writable=merge)
             for ids, vectors in self._scan_vectors(where):
-                ivf.add(ids, vectors)
-            if ivf.index.ntotal > live:  # rows were deleted since: drop their ids
+                ivf.append(ids, vectors)
+            if merge:
+                ivf.merge()
+            if deleted:
                 kept = np.concatenate([ids for ids, _ in self._scan_vectors(columns=[])] or [np.zeros(0, np.int64)])
                 ivf.remove(np.setdiff1d(ivf.ids(), kept))
             ivf.state.table_version = version
