@@ -114,7 +114,40 @@ def fill(store: LanceDBStore, syn: Synthetic, rows: int, chunk_rows: int) -> flo
         store._append_proposals(batch)
         store._append_images(records)
         print(f"  wrote {start + n:,}/{rows:,} rows", file=sys.stderr, flush=True)
+    store._proposals.optimize()  # compact the chunks' fragments, as `index add` does at its end
     return time.perf_counter() - t0
+
+
+def update_cost(store: LanceDBStore, syn: Synthetic, rows: int, append: int, q: np.ndarray, k: int) -> dict:
+    """Seconds to bring the ANN index up to date after appending ``append`` rows (the delta file),
+    the search latency with those rows in the delta (default settings), then the update after
+    removing them again (a rewrite of the main file, as every update cost before the delta file);
+    the index ends with the rows it started with."""
+    start = -(-rows // PER_IMAGE) * PER_IMAGE  # the next free image id
+    records, batch = _batch(syn, start, append, 1_000_000, store.meta.vector_dim)
+    store._append_proposals(batch)
+    store._append_images(records)
+    out: dict = {"rows_appended": append}
+    for step in ("append", "remove"):
+        if step == "remove":
+            store.remove_images([r.image_id for r in records])
+        t0 = time.perf_counter()
+        store._proposals.optimize()  # what optimize() does first: compact the table's new fragments
+        store._images.optimize()
+        t1 = time.perf_counter()
+        store._sync_faiss()
+        out[f"{step}_table_optimize_s"] = round(t1 - t0, 2)
+        out[f"{step}_ann_update_s"] = round(time.perf_counter() - t1, 2)
+        if step == "append":
+            store.search(q[:3], k, exact=False)  # warm up
+            lat = []
+            for i in range(len(q)):
+                t0 = time.perf_counter()
+                store.search(q[i : i + 1], k, exact=False)
+                lat.append(time.perf_counter() - t0)
+            out["p50_ms_with_delta"] = round(float(np.percentile(lat, 50)) * 1e3, 2)
+        print(f"  update after {step}: " + json.dumps(out), file=sys.stderr, flush=True)
+    return out
 
 
 def drop_page_cache(loc: Path, keep_ann: bool) -> None:
@@ -215,6 +248,10 @@ def main() -> None:
         "--reuse", action="store_true", help="reuse the rows, exact results and ANN index of a previous run"
     )
     ap.add_argument("--rebuild-index", action="store_true", help="with --reuse: build the ANN index again")
+    ap.add_argument(
+        "--append-rows", type=int, default=0,
+        help="after the searches, time the ANN index update for this many appended rows, then for their removal",
+    )
     args = ap.parse_args()
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -295,6 +332,8 @@ def main() -> None:
             }
             print("  " + json.dumps(row), file=sys.stderr, flush=True)
             result["search"].append(row)
+    if args.append_rows:
+        result["update"] = update_cost(store, syn, args.rows, args.append_rows, q, args.k)
     if args.pipeline_images:
         result["indexing"] = indexing_throughput(workdir, args.pipeline_images)
     print(json.dumps(result, indent=2))

@@ -24,7 +24,7 @@ def test_index_search_benchmark_probing_everything_is_exact(tmp_path):
     """3,000 proposals, 4 cells all probed with 50x candidates (every row): recall@100 must be 1."""
     proc = _run("benchmarks/index_search.py", "--rows", "3000", "--dir", str(tmp_path), "--queries", "4",
                 "--clusters", "8", "--partitions", "4", "--nprobes", "1,4", "--refine-factor", "50",
-                "--pipeline-images", "3", "--cache", "rows-cold")  # fmt: skip
+                "--pipeline-images", "3", "--cache", "rows-cold", "--append-rows", "200")  # fmt: skip
     result = json.loads(proc.stdout)
     assert result["rows"] == 3000 and result["index"]["metric"] == "cosine"
     assert result["index"]["index_type"] == "FAISS_IVF_SQ8" and result["search"][0]["cache"] == "rows-cold"
@@ -33,6 +33,13 @@ def test_index_search_benchmark_probing_everything_is_exact(tmp_path):
     assert 0 <= sweep[1]["recall@100"] <= 1 and sweep[1]["p50_ms"] > 0
     assert sweep[4]["speedup_vs_exact_single_query"] > 0  # the ratio to brute force, same run
     assert result["indexing"]["images"] == 3 and result["indexing"]["proposals_per_s"] > 0
+    update = result["update"]
+    assert update["rows_appended"] == 200 and update["p50_ms_with_delta"] > 0
+    assert update["append_ann_update_s"] >= 0 and update["remove_ann_update_s"] >= 0
+    from wedetect.index.faiss_ivf import FAISS_FOLDER, FaissIVF
+
+    state = FaissIVF.load(tmp_path / "rows3000_float32" / "index" / FAISS_FOLDER).state
+    assert (state.rows, state.delta_rows) == (3000, 0), "the update benchmark must leave the index as it found it"
 
     # ivf_partition_sim.py regenerates the rows from their ids: the saved exact top-100 must be the
     # top-100 of the regenerated rows.
