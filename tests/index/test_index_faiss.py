@@ -207,6 +207,26 @@ def test_unreadable_faiss_state_is_a_clear_error(tmp_path):
         ObjectIndex.open(tmp_path / "idx").search_embeddings(_texts(1), top_k=5)
 
 
+def test_a_reader_racing_a_writer_opens_the_new_files(tmp_path, monkeypatch):
+    """A writer swaps the state file, then removes the files the old state named: a reader that read
+    the old state just before finds its files gone, and must open the new ones, not fail."""
+    import faiss
+
+    store = _store(tmp_path)
+    store.build_ann_index(num_partitions=3)
+    state_path = tmp_path / "idx" / FAISS_FOLDER / STATE_FILE
+    current = state_path.read_text()
+    state_path.write_text(json.dumps({**json.loads(current), "file": "removed-by-the-writer.faiss"}))
+    read_index = faiss.read_index
+
+    def racing(path, *args):
+        state_path.write_text(current)  # the writer's swap lands after the reader read the old state
+        return read_index(path, *args)
+
+    monkeypatch.setattr(faiss, "read_index", racing)
+    assert FaissIVF.load(state_path.parent).state.file == json.loads(current)["file"]
+
+
 @pytest.mark.parametrize("backend", ["idx", "idx.db"])
 @pytest.mark.parametrize("param", ["nprobes", "refine_factor", "exact_rerank"])
 def test_ann_parameters_below_one_are_refused_by_every_backend(tmp_path, backend, param):

@@ -90,6 +90,13 @@ def _faiss():
     return faiss
 
 
+def _read_or_none(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
 @dataclass
 class FaissState:
     """What the FAISS file reflects; written atomically after the file it names."""
@@ -133,15 +140,22 @@ class FaissIVF:
         """Open the index; read-only opens memory-map the main file (a search touches only its cells)."""
         faiss = _faiss()
         folder = Path(folder)
-        try:
-            state = FaissState(**json.loads((folder / STATE_FILE).read_text()))
-            index = faiss.read_index(str(folder / state.file), 0 if writable else faiss.IO_FLAG_MMAP)
-            delta = faiss.read_index(str(folder / state.delta_file)) if state.delta_file else None
-        except (OSError, ValueError, TypeError, RuntimeError) as e:
-            raise WeDetectError(
-                f"the FAISS ANN index in {folder} cannot be read ({e}); rebuild it with `wedetect index add --ann`"
-            ) from e
-        return cls(folder, index, state, delta)
+        text, tries = _read_or_none(folder / STATE_FILE), 3
+        while True:
+            try:
+                state = FaissState(**json.loads(text or ""))
+                index = faiss.read_index(str(folder / state.file), 0 if writable else faiss.IO_FLAG_MMAP)
+                delta = faiss.read_index(str(folder / state.delta_file)) if state.delta_file else None
+                return cls(folder, index, state, delta)
+            except (OSError, ValueError, TypeError, RuntimeError) as e:
+                # A writer may have swapped the state and removed the files it named after we read it.
+                newer, tries = _read_or_none(folder / STATE_FILE), tries - 1
+                if tries and newer is not None and newer != text:
+                    text = newer
+                    continue
+                raise WeDetectError(
+                    f"the FAISS ANN index in {folder} cannot be read ({e}); rebuild it with `wedetect index add --ann`"
+                ) from e
 
     def save(self) -> None:
         """Write the changed files under new names, then swap the state file to them (atomic), then
