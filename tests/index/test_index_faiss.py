@@ -106,7 +106,7 @@ def test_appended_rows_are_found_before_and_after_the_sync(tmp_path, monkeypatch
     assert again.table_version == store._proposals.version
 
 
-def test_small_appends_go_to_the_delta_file_until_it_is_merged(tmp_path):
+def test_small_appends_go_to_the_delta_file_until_it_is_merged(tmp_path, capsys):
     """An update that only appends a few rows writes the small delta file and leaves the main file
     alone; searches scan both; past DELTA_MAX_FRACTION of the main file's rows the two are merged."""
     store = _store(tmp_path)  # 600 rows: the delta holds up to 60
@@ -115,7 +115,8 @@ def test_small_appends_go_to_the_delta_file_until_it_is_merged(tmp_path):
     main = FaissIVF.load(folder).state.file
     for first, images in ((1000, 3), (1003, 3)):  # 30 rows, then 60
         _add(store, first, images, seed=first, clusters=slice(15, 16))
-        store.optimize()
+        store.optimize(progress=True)
+        assert "ANN index: delta file" in capsys.readouterr().err  # what `index add` shows at its end
         state = FaissIVF.load(folder).state
         assert state.file == main, "a small append rewrote the main FAISS file"
         assert state.rows == 600 and state.delta_rows == 10 * (first - 1000 + images)
@@ -131,7 +132,8 @@ def test_small_appends_go_to_the_delta_file_until_it_is_merged(tmp_path):
     assert all(h.image_id >= 1000 for h in ann[0])
 
     _add(store, 1006, 1, seed=26, clusters=slice(15, 16))  # 70 rows would not fit: merged
-    store.optimize()
+    store.optimize(progress=True)
+    assert "ANN index: new main file" in capsys.readouterr().err
     state = FaissIVF.load(folder).state
     assert state.file != main and (state.rows, state.delta_file, state.delta_rows) == (670, "", 0)
     assert [p.name for p in folder.glob("ivf-*.faiss")] == [state.file]

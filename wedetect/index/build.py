@@ -224,14 +224,15 @@ class _Writer:
         if image_ids and self.store is not None:
             _guarded(self.store.remove_images, image_ids)
 
-    def finish(self, embed_dim_hint: int | None) -> None:
-        """Flush held failures (creating the index if no image could be read at all)."""
+    def finish(self, embed_dim_hint: int | None, progress: bool = False) -> None:
+        """Flush held failures (creating the index if no image could be read at all), then compact
+        the index and bring its ANN index up to date."""
         if self._held:
             # Nothing was readable, so the model's embedding size is unknown: assume the real one.
             self.vector_dim(embed_dim_hint or 768)
             self.write([], [])
         if self.store is not None:
-            _guarded(self.store.optimize)
+            _guarded(self.store.optimize, progress)
 
 
 def _guarded(fn, *args) -> None:
@@ -347,7 +348,7 @@ def _extract(
             elapsed = max(time.perf_counter() - start, 1e-9)
             bar.set_postfix_str(f"{report.proposals / elapsed:.0f} proposals/s, {len(report.failed)} failed")
     bar.close()
-    writer.finish(embed_dim)
+    writer.finish(embed_dim, progress)
     report.seconds = time.perf_counter() - start
     return report
 

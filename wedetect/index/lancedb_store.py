@@ -24,6 +24,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+from tqdm.auto import tqdm
 
 from wedetect.errors import WeDetectError
 from wedetect.index.faiss_ivf import (
@@ -257,11 +258,11 @@ class LanceDBStore(VectorStore):
             return batches
         return self.iter_proposals()
 
-    def optimize(self) -> None:
+    def optimize(self, progress: bool = False) -> None:
         """Merge the small fragments of many commits and fold new (and deleted) rows into the ANN index."""
         for tbl in (self._proposals, self._images):
             tbl.optimize()
-        self._sync_faiss()
+        self._sync_faiss(progress)
 
     def ann_index_type(self) -> str | None:
         if self._faiss_index() is not None:
@@ -306,7 +307,7 @@ class LanceDBStore(VectorStore):
             return None
         return f"_rowid >= {ivf.state.next_row_id}"
 
-    def _sync_faiss(self) -> None:
+    def _sync_faiss(self, progress: bool = False) -> None:
         """Fold rows appended since the last sync into the FAISS index and drop deleted ones.
 
         Appended rows go to the small delta file while it has room; the main file (7.8 GB at 10M
@@ -322,15 +323,19 @@ class LanceDBStore(VectorStore):
             merge = deleted or not ivf.delta_has_room(new)
             check_faiss_memory((ivf.ntotal if merge else ivf.state.delta_rows) + new, self.meta.vector_dim)
             ivf = FaissIVF.load(ivf.folder, writable=merge)
-            for ids, vectors in self._scan_vectors(where):
-                ivf.append(ids, vectors)
-            if merge:
-                ivf.merge()
-            if deleted:
-                kept = np.concatenate([ids for ids, _ in self._scan_vectors(columns=[])] or [np.zeros(0, np.int64)])
-                ivf.remove(np.setdiff1d(ivf.ids(), kept))
-            ivf.state.table_version = version
-            ivf.save()
+            desc = "ANN index: new main file" if merge else "ANN index: delta file"
+            with tqdm(total=new, desc=desc, unit="rows", disable=not progress, dynamic_ncols=True) as bar:
+                for ids, vectors in self._scan_vectors(where):
+                    ivf.append(ids, vectors)
+                    bar.update(len(ids))
+                if merge:
+                    ivf.merge()
+                if deleted:
+                    kept = [ids for ids, _ in self._scan_vectors(columns=[])]
+                    ivf.remove(np.setdiff1d(ivf.ids(), np.concatenate(kept or [np.zeros(0, np.int64)])))
+                ivf.state.table_version = version
+                bar.set_postfix_str(f"writing {ivf.ntotal if merge else ivf.delta.ntotal:,} rows")
+                ivf.save()
         else:
             ivf.state.table_version = version
             ivf.save_state()

@@ -358,8 +358,8 @@ class VectorStore(ABC):
             raise ObjectIndexError(f"image records announce {expected} proposals but {total} were given")
         self._append_images(records)
 
-    def optimize(self) -> None:  # noqa: B027 (optional hook)
-        """Compact storage after a run of many small commits."""
+    def optimize(self, progress: bool = False) -> None:  # noqa: B027 (optional hook)
+        """Compact storage after a run of many small commits (``progress``: show the long steps)."""
 
     def remove_images(self, image_ids: Sequence[int]) -> None:
         """Delete images and their proposals (image rows first: a crash leaves only orphans)."""
