@@ -181,6 +181,10 @@ def test_add_ann_type_and_info(env):
     r = _run(*args, "--ann", "--json", "-")  # the default type for a local index
     assert json.loads(r.stdout)["ann_index"]["index_type"] == "FAISS_IVF_SQ8"
     r = _run("info", "--index", env / "idx", "--json", "-")
-    assert json.loads(r.stdout)["ann_index"] == "FAISS_IVF_SQ8"
+    summary = json.loads(r.stdout)
+    assert summary["ann_index"] == "FAISS_IVF_SQ8"
+    details = summary["ann_index_details"]
+    assert details == {"cells": 2, "rows": summary["proposals"], "rows_in_delta_file": 0, "rows_not_yet_indexed": 0}
+    assert "ANN index: cells 2, rows " in _run("info", "--index", env / "idx").output
     r = _run("search", "--index", env / "idx", "--checkpoint", env / "det.pth", "--text", "dog", "--json", "-")
     assert r.exit_code == 0 and len(json.loads(r.stdout)[0]["hits"]) == 20

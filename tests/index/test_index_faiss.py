@@ -77,6 +77,7 @@ def test_appended_rows_are_found_before_and_after_the_sync(tmp_path, monkeypatch
     folder = tmp_path / "idx" / FAISS_FOLDER
     before = FaissIVF.load(folder).state
     _add(store, 1000, 10, seed=15, clusters=slice(15, 16))  # new cluster, after the build
+    assert store.ann_index_details()["rows_not_yet_indexed"] == 100
     texts = _texts(15, seed=16)
     index = ObjectIndex.open(tmp_path / "idx")
     hits = index.search_embeddings(texts, top_k=20)[0]
@@ -120,6 +121,9 @@ def test_small_appends_go_to_the_delta_file_until_it_is_merged(tmp_path, capsys)
         state = FaissIVF.load(folder).state
         assert state.file == main, "a small append rewrote the main FAISS file"
         assert state.rows == 600 and state.delta_rows == 10 * (first - 1000 + images)
+        assert store.ann_index_details() == {
+            "cells": 3, "rows": 600 + state.delta_rows, "rows_in_delta_file": state.delta_rows, "rows_not_yet_indexed": 0
+        }
         assert sorted(p.name for p in folder.glob("ivf-*.faiss")) == sorted([main, state.delta_file])
     index = ObjectIndex.open(tmp_path / "idx")
     ivf = index.store._faiss_index()

@@ -241,5 +241,7 @@ def info(index: str = Index, backend: str = Backend, json_out: JsonOut = None) -
             f"{summary['embed_dim']}-d embeddings; ANN index: {summary['ann_index'] or 'none (exact search)'}",
             json_out,
         )
+        if details := summary["ann_index_details"]:
+            say("  ANN index: " + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in details.items()), json_out)
         for f in summary["failed"]:
             say(f"  failed: {f['path']}: {f['reason']}", json_out)

@@ -271,6 +271,19 @@ class LanceDBStore(VectorStore):
         names = {config: name for name, config in _LANCE_INDEX_CONFIGS.items()}
         return None if idx is None else names.get(idx.index_type, idx.index_type)
 
+    def ann_index_details(self) -> dict:
+        ivf = self._faiss_index()
+        if ivf is None:
+            return {}
+        where = self._unsynced(ivf)
+        return {
+            "cells": int(ivf.index.nlist),
+            "rows": ivf.ntotal,
+            "rows_in_delta_file": ivf.state.delta_rows,
+            # appended after the last update (a run killed before its end): found by an exact scan
+            "rows_not_yet_indexed": 0 if where is None else int(self._proposals.count_rows(where)),
+        }
+
     def _lance_index(self):
         return next((idx for idx in self._proposals.list_indices() if "vector" in idx.columns), None)
 

@@ -176,6 +176,7 @@ class ObjectIndex:
             "vector_dim": self.store.meta.vector_dim,
             "model": self.store.meta.model,
             "ann_index": self.store.ann_index_type(),  # None: searches are exact
+            "ann_index_details": self.store.ann_index_details(),
         }
 
     def build_ann_index(self, **params) -> dict:

@@ -316,6 +316,10 @@ class VectorStore(ABC):
     def has_ann_index(self) -> bool:
         return self.ann_index_type() is not None
 
+    def ann_index_details(self) -> dict:
+        """What the backend can say about its ANN index beyond its type (rows covered, cells...)."""
+        return {}
+
     def build_ann_index(self, **params) -> dict:
         """Build an approximate index for large collections; returns what was built.
 
