@@ -97,6 +97,19 @@ def _read_or_none(path: Path) -> str | None:
         return None
 
 
+def _ivf_sq8(centroids: np.ndarray):
+    """An IVF index with 8-bit codes over ``centroids`` (cells by inner product); codes untrained."""
+    faiss = _faiss()
+    quantizer = faiss.IndexFlatIP(centroids.shape[1])
+    quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    index = faiss.IndexIVFScalarQuantizer(
+        quantizer, centroids.shape[1], len(centroids), faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT, False
+    )
+    quantizer.this.disown()  # the IVF index owns (and frees) its quantizer
+    index.own_fields = True
+    return index
+
+
 @dataclass
 class FaissState:
     """What the FAISS file reflects; written atomically after the file it names."""
@@ -221,14 +234,8 @@ class FaissIVF:
         units = sample / np.maximum(np.linalg.norm(sample, axis=1, keepdims=True), 1e-12)
         kmeans = faiss.Kmeans(dim, num_partitions, niter=KMEANS_ITERATIONS, spherical=True, seed=seed + 1)
         kmeans.train(np.ascontiguousarray(units, dtype=np.float32))
-        quantizer = faiss.IndexFlatIP(dim)
-        quantizer.add(kmeans.centroids)
-        index = faiss.IndexIVFScalarQuantizer(
-            quantizer, dim, num_partitions, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT, False
-        )
+        index = _ivf_sq8(kmeans.centroids)
         index.train(sample)  # the quantizer is trained already: this fits the per-dimension code ranges
-        quantizer.this.disown()  # the IVF index owns (and frees) its quantizer
-        index.own_fields = True
         ivf = cls(folder, index, FaissState("", table_version, 0, 0, num_partitions))
         ivf._changed = {"main", "delta"}
         with tqdm(total=rows, desc="FAISS IVF", unit="rows", disable=not progress) as bar:
@@ -267,11 +274,10 @@ class FaissIVF:
         """Every row id in the index (to find rows deleted from the table since)."""
         faiss = _faiss()
         out = [np.zeros(0, np.int64)]
-        for index in (self.index, self.delta):
-            lists = index.invlists if index is not None else None
-            for c in range(index.nlist if index is not None else 0):
-                if lists.list_size(c):
-                    out.append(faiss.rev_swig_ptr(lists.get_ids(c), lists.list_size(c)).copy())
+        for index in (i for i in (self.index, self.delta) if i is not None):
+            lists = index.invlists
+            sizes = [(c, lists.list_size(c)) for c in range(index.nlist)]
+            out += [faiss.rev_swig_ptr(lists.get_ids(c), n).copy() for c, n in sizes if n]
         return np.concatenate(out)
 
     def _add(self, index, ids: np.ndarray, vectors: np.ndarray) -> None:
@@ -282,16 +288,9 @@ class FaissIVF:
     @staticmethod
     def _empty_like(index):
         """An empty index with ``index``'s trained cells and code ranges (its rows are not copied)."""
-        faiss = _faiss()
-        quantizer = faiss.IndexFlatIP(index.d)
-        quantizer.add(index.quantizer.reconstruct_n(0, index.nlist))
-        empty = faiss.IndexIVFScalarQuantizer(
-            quantizer, index.d, index.nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT, False
-        )
+        empty = _ivf_sq8(index.quantizer.reconstruct_n(0, index.nlist))
         empty.sq = index.sq  # copies the trained per-dimension ranges
         empty.is_trained = True
-        quantizer.this.disown()
-        empty.own_fields = True
         return empty
 
     # --- search -------------------------------------------------------------------------------
