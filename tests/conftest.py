@@ -37,13 +37,16 @@ class OfficialCheckpoints:
         if path is not None:
             path.unlink(missing_ok=True)
 
+    def release_all(self) -> None:
+        for name in list(self._built):
+            self.release(name)
+
 
 @pytest.fixture(scope="session")
 def official_checkpoint(tmp_path_factory):
     checkpoints = OfficialCheckpoints(tmp_path_factory)
     yield checkpoints
-    for name in list(checkpoints._built):
-        checkpoints.release(name)
+    checkpoints.release_all()
 
 
 @pytest.fixture(scope="session")

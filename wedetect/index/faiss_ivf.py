@@ -153,10 +153,11 @@ class FaissIVF:
         """Open the index; read-only opens memory-map the main file (a search touches only its cells)."""
         faiss = _faiss()
         folder = Path(folder)
-        text, tries = _read_or_none(folder / STATE_FILE), 3
+        text, tries = None, 3
         while True:
             try:
-                state = FaissState(**json.loads(text or ""))
+                text = text if text is not None else (folder / STATE_FILE).read_text()
+                state = FaissState(**json.loads(text))
                 index = faiss.read_index(str(folder / state.file), 0 if writable else faiss.IO_FLAG_MMAP)
                 delta = faiss.read_index(str(folder / state.delta_file)) if state.delta_file else None
                 return cls(folder, index, state, delta)
