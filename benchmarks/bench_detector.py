@@ -5,7 +5,8 @@ not depend on the values; no checkpoint needed):
 - ``net``: backbone + neck + head (+ DFL decode) on a prepared batch;
 - ``e2e``: decoded uint8 images -> letterbox -> network -> post-processing -> detections, in the
   ``reference`` mode (the official order of operations) and the ``fast`` mode (exact shortcuts), with
-  the ratio between them measured in the same run.
+  the ratio between them measured in the same run; each call is a stream of ``--stream`` batches (as
+  when a collection is processed), and the latency is the time per batch.
 Post-processing runs every (prior, class) pair through the official order (score > 0.001, best
 30000, class-aware NMS, best 300), with K = 80 classes + the blank prompt, as in COCO evaluation.
 
@@ -13,8 +14,7 @@ Examples:
     python benchmarks/bench_detector.py                          # CPU: tiny+base, batch 1, fp32
     python benchmarks/bench_detector.py --sizes base large --batches 1 16 --dtypes float32 float16 --device cuda
     python benchmarks/bench_detector.py --sizes base --batches 16 --dtypes float16 --device cuda \
-        --accel none channels_last cudagraphs channels_last+cudagraphs device_letterbox \
-        channels_last+cudagraphs+device_letterbox
+        --accel none overlap channels_last+cudagraphs channels_last+cudagraphs+overlap all
 """
 from __future__ import annotations
 
@@ -94,21 +94,34 @@ def _calibrate(model: WeDetect) -> None:
         contrast.bias.fill_(-6.0 - dots.mean().item() * 2.0 / dots.std().item())
 
 
-# --accel variants: keyword arguments of ``accelerate`` (opt-in speed paths, timed after the plain one).
-ACCEL = {
-    "none": {},
+# --accel variants: "none" or parts joined by "+" (e.g. channels_last+cudagraphs+overlap), each a
+# keyword argument of ``accelerate`` (opt-in speed paths, timed after the plain one); "all" is every part
+# that suits a GPU.
+ACCEL_PARTS = {
     "channels_last": {"channels_last": True},
     "compile": {"compile": "default"},
     "cudagraphs": {"compile": "reduce-overhead"},
-    "channels_last+compile": {"channels_last": True, "compile": "default"},
-    "channels_last+cudagraphs": {"channels_last": True, "compile": "reduce-overhead"},
     "device_letterbox": {"device_letterbox": True},
-    "channels_last+cudagraphs+device_letterbox": {
-        "channels_last": True,
-        "compile": "reduce-overhead",
-        "device_letterbox": True,
-    },
+    "overlap": {"overlap": True},
 }
+ACCEL_ALL = "channels_last+cudagraphs+device_letterbox+overlap"
+
+
+def accel_kwargs(name: str) -> dict:
+    """``accelerate`` arguments of an --accel variant; the pre/post-processing options reset to off."""
+    kwargs = {"device_letterbox": False, "overlap": False}
+    if name == "none":
+        return kwargs
+    for part in (ACCEL_ALL if name == "all" else name).split("+"):
+        if part not in ACCEL_PARTS:
+            raise argparse.ArgumentTypeError(f"unknown --accel part {part!r} (parts: {', '.join(ACCEL_PARTS)})")
+        kwargs.update(ACCEL_PARTS[part])
+    return kwargs
+
+
+def _accel_name(name: str) -> str:
+    accel_kwargs(name)
+    return name
 
 
 def _stages(model, kind: str, images: list[np.ndarray], batch: torch.Tensor, args, modes) -> list[tuple]:
@@ -118,10 +131,11 @@ def _stages(model, kind: str, images: list[np.ndarray], batch: torch.Tensor, arg
 
     def e2e(mode: str) -> None:
         model.mode = mode
+        stream = images * args.stream  # several batches per call, as a collection is processed
         if kind == "uni":  # the official proposal script keeps scores > 0.1
-            model.propose(images, num_proposals=300, score_threshold=0.1, batch_size=bs)
+            model.propose(stream, num_proposals=300, score_threshold=0.1, batch_size=bs)
         else:
-            model.predict(images, threshold=args.threshold, max_detections=300, batch_size=bs)
+            model.predict(stream, threshold=args.threshold, max_detections=300, batch_size=bs)
 
     # reference = the official order of operations; fast = exact shortcuts
     return stages + [("e2e", mode, functools.partial(e2e, mode)) for mode in modes]
@@ -143,11 +157,13 @@ def run(args) -> list[dict]:
                     batch = to_tensor([letterbox_detector(im[:, :, ::-1], s)[0] for im in images]).to(device)
                     base = None
                     for accel in args.accel:
-                        model.accelerate(**{"device_letterbox": False, **ACCEL[accel]})
+                        model.accelerate(**accel_kwargs(accel))
                         # The reference mode is the baseline: timed once, on the plain path.
                         modes = args.modes if accel == "none" else [m for m in args.modes if m != "reference"]
                         for stage, mode, fn in _stages(model, kind, images, batch, args, modes):
+                            # e2e runs args.stream batches per call: time per batch
                             med = statistics.median(_time(fn, device, args.warmup, args.iters))
+                            med /= args.stream if stage == "e2e" else 1
                             row = dict(kind=kind, size=size, dtype=dtype, batch=bs, accel=accel, stage=stage,
                                        mode=mode, latency_ms=round(med * 1e3, 2), img_per_s=round(bs / med, 2))
                             if mode == "reference":
@@ -158,7 +174,7 @@ def run(args) -> list[dict]:
                                 row["tflops"] = round(GFLOP[size] * bs / med / 1e3, 2)
                             rows.append(row)
                             print(json.dumps(row), flush=True)
-                    model.accelerate(device_letterbox=False)
+                    model.accelerate(**accel_kwargs("none"))
     return rows
 
 
@@ -169,10 +185,14 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1])
     parser.add_argument("--dtypes", nargs="+", default=["float32"])
     parser.add_argument("--modes", nargs="+", default=["reference", "fast"], choices=["reference", "fast"])
-    parser.add_argument("--accel", nargs="+", default=["none"], choices=list(ACCEL),
-                        help="opt-in speed paths to time after the plain one (compile: the warm-up compiles)")
+    parser.add_argument("--accel", nargs="+", default=["none"], type=_accel_name,
+                        help="opt-in speed paths to time after the plain one: none, all, or parts joined by + "
+                             f"({', '.join(ACCEL_PARTS)}); compile and cudagraphs compile during the warm-up")
     parser.add_argument("--threshold", type=float, default=0.3,
                         help="predict() threshold for e2e (0.3: the demo; 0.001: evaluation)")
+    parser.add_argument("--stream", type=int, default=4,
+                        help="e2e: batches per call (a stream of images, so that overlapped post-processing can "
+                             "hide behind the next batch); latency is per batch")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3)

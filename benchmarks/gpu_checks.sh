@@ -3,11 +3,13 @@
 #
 #   bash benchmarks/gpu_checks.sh PART [OUT_DIR]
 #
-# PART: tests     the CUDA variants of the tests (fast == reference post-processing, half precision, Ref)
+# PART: tests     the CUDA variants of the tests (fast == reference post-processing, half precision,
+#                 overlapped post-processing, Ref)
 #       post      post-processing alone, reference vs fast (bench_postprocess.py)
 #       detector  Base/Large, batch 1 and 16, fp32 and fp16, reference vs fast (bench_detector.py)
 #       uni       the same for WeDetect-Uni proposals
-#       accel     Base fp16: channels_last, CUDA graphs and device letterboxing against the plain path
+#       accel     Base fp16: overlapped post-processing, channels_last + CUDA graphs, device letterboxing,
+#                 and all of them, against the plain path
 #       train     training throughput and share of the FLOP bound (bench_train.py)
 # Each part writes OUT_DIR/PART.txt (default benchmarks/gpu_results; give $OUT on the device machine)
 # and, where the script has one, OUT_DIR/PART.json. Record the tables, with the device name they
@@ -24,7 +26,7 @@ bench() { "$py" "benchmarks/$1" "${@:2}" 2>&1 | tee "$out/$part.txt"; }
 
 case "$part" in
   tests)
-    "$py" -m pytest -q -p no:cacheprovider tests/test_postprocess.py tests/test_api.py tests/ref/test_ref_api.py -k cuda \
+    "$py" -m pytest -q -p no:cacheprovider tests/test_postprocess.py tests/test_api.py tests/test_accelerate.py tests/ref/test_ref_api.py -k cuda \
       2>&1 | tee "$out/$part.txt" ;;
   post)
     bench bench_postprocess.py --device cuda --iters 10 ;;
@@ -36,7 +38,7 @@ case "$part" in
       --json "$out/$part.json" ;;
   accel)
     bench bench_detector.py --sizes base --batches 1 16 --dtypes float16 --device cuda --accel none \
-      channels_last cudagraphs channels_last+cudagraphs device_letterbox channels_last+cudagraphs+device_letterbox \
+      overlap channels_last+cudagraphs channels_last+cudagraphs+overlap device_letterbox all \
       --json "$out/$part.json" ;;
   train)
     bench bench_train.py --device cuda --sizes tiny base large --precisions fp32 tf32 bf16 fp16 \

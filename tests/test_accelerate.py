@@ -10,10 +10,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
-
 from paths import parity_dir
 from test_parity_detector import match_detections
+from typer.testing import CliRunner
+
 from wedetect import WeDetect, WeDetectUni
 from wedetect.cli import app
 from wedetect.data.io import load_bgr, load_pil_rgb
@@ -30,9 +30,9 @@ def case():
     return info, np.load(parity_dir() / f"{CASE}.npz")
 
 
-def _detector(official_checkpoint, case) -> WeDetect:
+def _detector(official_checkpoint, case, device: str = "cpu") -> WeDetect:
     info, ref = case
-    model = WeDetect.from_pretrained(official_checkpoint(info["keys"]))
+    model = WeDetect.from_pretrained(official_checkpoint(info["keys"]), device=device)
     text = model.encode_token_ids(torch.from_numpy(ref["input_ids"]), torch.from_numpy(ref["attention_mask"]))
     model.set_class_embeddings(text[:-1], info["prompts"][:-1], blank_embedding=text[-1])
     return model
@@ -136,3 +136,87 @@ def test_threaded_preprocessing_keeps_order_and_errors(official_checkpoint, case
     again = model.predict(items[3:6], threshold=0.3, batch_size=2, on_error="skip")
     for a, b in zip(dets, again):
         assert torch.equal(a.boxes, b.boxes) and torch.equal(a.labels, b.labels)
+
+
+def _same_detections(a, b) -> None:
+    assert a.path == b.path and a.error == b.error
+    if a.error is None:
+        for field in ("boxes", "scores", "labels", "embeddings"):
+            x, y = getattr(a, field), getattr(b, field)
+            assert (x is None and y is None) or torch.equal(x, y), field
+
+
+def _crops(case) -> list[np.ndarray]:
+    info, _ = case
+    image = load_bgr(parity_dir() / info["image"])
+    return [image[: 180 + 23 * i, : 260 + 13 * i].copy() for i in range(7)]
+
+
+@pytest.mark.slow
+def test_overlap_matches_inline_postprocessing(official_checkpoint, case, tmp_path):
+    """``accelerate(overlap=True)``: batches post-processed on a worker thread while the next batch runs
+    come back identical and in input order, a partial last batch and an unreadable image included."""
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    items = _crops(case)
+    items.insert(3, bad)
+    model = _detector(official_checkpoint, case)
+    inline = model.predict(items, threshold=0.05, batch_size=3, on_error="skip")
+    model.accelerate(overlap=True)
+    assert model.overlap
+    overlapped = model.predict(items, threshold=0.05, batch_size=3, on_error="skip")
+    assert len(overlapped) == len(items) and overlapped[3].error and "broken.jpg" in overlapped[3].error
+    assert sum(len(d.scores) for d in inline if not d.error) > 0
+    for a, b in zip(inline, overlapped):
+        _same_detections(a, b)
+    # Network options reset by a later call leave the pre/post-processing choice alone.
+    model.accelerate(channels_last=False)
+    assert model.overlap
+    model.accelerate(overlap=False)
+    assert not model.overlap
+
+
+@pytest.mark.slow
+def test_uni_overlap_matches_inline_postprocessing(official_checkpoint, case):
+    uni = WeDetectUni.from_pretrained(official_checkpoint("keys_uni_base.json"))
+    items = _crops(case)[:3]
+    inline = uni.propose(items, num_proposals=20, batch_size=2)
+    uni.accelerate(overlap=True)
+    overlapped = uni.propose(items, num_proposals=20, batch_size=2)
+    assert all(len(d.scores) > 0 for d in inline)
+    for a, b in zip(inline, overlapped):
+        _same_detections(a, b)
+
+
+def test_overlap_reports_errors_of_the_postprocessing_thread(official_checkpoint, case, monkeypatch):
+    """A failure while post-processing on the worker thread reaches the caller (not a hang, not a
+    silently missing result), and the next call works."""
+    import wedetect.inference as inference
+
+    model = _detector(official_checkpoint, case).accelerate(overlap=True)
+    items = [im[:96, :96].copy() for im in _crops(case)[:3]]
+    real = inference.detector_postprocess_fast
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("post-processing failed")
+
+    monkeypatch.setattr(inference, "detector_postprocess_fast", broken)
+    with pytest.raises(RuntimeError, match="post-processing failed"):
+        model.predict(items, batch_size=1)
+    monkeypatch.setattr(inference, "detector_postprocess_fast", real)
+    assert len(model.predict(items, batch_size=2)) == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("compile_mode", [None, "reduce-overhead"])
+def test_cuda_overlap_matches_inline(official_checkpoint, case, compile_mode):
+    """On a GPU the post-processing thread has its own stream; with CUDA graphs each replay reuses its
+    output buffers, so the batch still in post-processing must hold its own copy."""
+    items = _crops(case)
+    model = _detector(official_checkpoint, case, device="cuda").accelerate(compile=compile_mode)
+    inline = model.predict(items, threshold=0.05, batch_size=2)
+    model.accelerate(compile=compile_mode, overlap=True)
+    for _ in range(2):  # the second run replays the captured graphs
+        overlapped = model.predict(items, threshold=0.05, batch_size=2)
+        for a, b in zip(inline, overlapped):
+            _same_detections(a, b)

@@ -65,13 +65,13 @@ def test_index_search_benchmark_probing_everything_is_exact(tmp_path):
 def test_detector_benchmark_prints_ratios_for_each_path(tmp_path):
     out = tmp_path / "rows.json"
     _run("benchmarks/bench_detector.py", "--sizes", "tiny", "--batches", "1", "--warmup", "0", "--iters", "1",
-         "--accel", "none", "device_letterbox", "--device", "cpu", "--json", str(out))  # fmt: skip
+         "--stream", "2", "--accel", "none", "device_letterbox+overlap", "--device", "cpu", "--json", str(out))  # fmt: skip
     report = json.loads(out.read_text())
     rows = report["rows"]
     assert report["device"]  # the table says what it was measured on
     stages = {(r["accel"], r["stage"], r["mode"]) for r in rows}
     assert stages == {("none", "net", "-"), ("none", "e2e", "reference"), ("none", "e2e", "fast"),
-                      ("device_letterbox", "net", "-"), ("device_letterbox", "e2e", "fast")}  # fmt: skip
+                      ("device_letterbox+overlap", "net", "-"), ("device_letterbox+overlap", "e2e", "fast")}  # fmt: skip
     fast = [r for r in rows if r["mode"] == "fast"]
     assert all(r["speedup_vs_reference"] > 0 and r["img_per_s"] > 0 for r in fast)
 

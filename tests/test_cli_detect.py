@@ -59,6 +59,12 @@ def test_detect_writes_annotated_images_and_coco_json(official_checkpoint, tiny_
     drawn = np.asarray(Image.open(out / "shapes.jpg").convert("RGB")).astype(int)
     orig = np.asarray(Image.open(images / "shapes.png").convert("RGB")).astype(int)
     assert np.abs(drawn - orig).max() > 100
+    # --overlap (post-processing beside the next batch) reports the same detections.
+    res = _run("detect", "--checkpoint", official_checkpoint("keys_detector_tiny.json"), "--tokenizer", tiny_tokenizer,
+               "--classes", "鞋,床", "--images", images, "--threshold", "0.0", "--overlap", "--batch-size", "1",
+               "--json", tmp_path / "overlap.json", "--device", "cpu", "-q")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "overlap.json").read_text(encoding="utf-8")) == report
 
 
 @pytest.mark.slow

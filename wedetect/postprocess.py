@@ -139,9 +139,10 @@ def to_original(boxes: torch.Tensor, meta: LetterboxMeta) -> torch.Tensor:
     """Input-pixel boxes -> original-image pixels: subtract the pad, divide by the per-axis scale."""
     top, _, left, _ = meta.pad
     sf_w, sf_h = meta.scale
-    pad = torch.tensor([left, top, left, top], dtype=torch.float32, device=boxes.device)
-    scale = torch.tensor([sf_w, sf_h, sf_w, sf_h], dtype=torch.float32, device=boxes.device)
-    return (boxes - pad.to(boxes.dtype)) / scale.to(boxes.dtype)
+    # Queued, not waited for: a blocking copy to a GPU would wait for all the work queued before it.
+    pad_scale = torch.tensor([[left, top, left, top], [sf_w, sf_h, sf_w, sf_h]], dtype=torch.float32)
+    pad, scale = pad_scale.to(boxes.device, non_blocking=True).to(boxes.dtype)
+    return (boxes - pad) / scale
 
 
 def clamp_to_image(boxes: torch.Tensor, meta: LetterboxMeta) -> torch.Tensor:
@@ -206,7 +207,10 @@ def detector_postprocess_fast(
     scores = logits.sigmoid().flatten()
     num_classes = logits.shape[1]
     passed = scores > cfg.score_thr
-    if int(passed.sum()) > cfg.nms_pre:
+    # Both counts in one read from the device. The candidates are the best of the passed pairs, so the
+    # pairs above ``threshold`` among them are all of them or all pairs above it, whichever is fewer.
+    num_passed, num_above = torch.stack([passed.sum(), (scores > max(threshold, cfg.score_thr)).sum()]).tolist()
+    if num_passed > cfg.nms_pre:
         cand_scores, idx = _topk(scores, cfg.nms_pre)
     else:
         idx = passed.nonzero().view(-1)
@@ -227,8 +231,7 @@ def detector_postprocess_fast(
             return nms(b, s, iou)
         return _per_label_nms(b, s, lab, iou)
 
-    n = int((cand_scores > threshold).sum())
-    keep = nms_best_prefix(cand_scores, n, cfg.max_per_img, run)
+    keep = nms_best_prefix(cand_scores, min(num_above, idx.numel()), cfg.max_per_img, run)
     return clamp_to_image(cand[keep], meta), cand_scores[keep], labels[keep]
 
 
@@ -271,7 +274,9 @@ def uni_postprocess_fast(
     """
     scores = logits.sigmoid().flatten()
     num_prompts = logits.shape[1]
-    n = min(cfg.nms_pre, int((scores > 0).sum()))  # the candidates the reference suppresses
+    # The candidates the reference suppresses, and those above ``threshold``: one read from the device.
+    num_positive, num_above = torch.stack([(scores > 0).sum(), (scores > max(threshold, 0.0)).sum()]).tolist()
+    n = min(cfg.nms_pre, num_positive)
     # torchvision's batched_nms switch: per-class loop above 4000 coordinates on CPU, 20000 elsewhere;
     # below it one NMS over boxes offset by the largest coordinate of all n candidates.
     per_label = 4 * n > (4000 if boxes.device.type == "cpu" else 20000)
@@ -282,7 +287,7 @@ def uni_postprocess_fast(
         b, s, lab = boxes[idx // num_prompts].float(), scores[idx], idx % num_prompts
         return _per_label_nms(b, s, lab, iou) if unit is None else nms(_shift(b, lab, unit), s, iou)
 
-    keep = nms_best_prefix(scores, min(n, int((scores > threshold).sum())), num_proposals, run)
+    keep = nms_best_prefix(scores, min(n, num_above), num_proposals, run)
     prior, labels = keep // num_prompts, keep % num_prompts
     out = clamp_to_image(to_original(boxes[prior].float(), meta), meta)
     return out, scores[keep], labels, prior

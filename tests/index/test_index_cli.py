@@ -188,3 +188,17 @@ def test_add_ann_type_and_info(env):
     assert "ANN index: cells 2, rows " in _run("info", "--index", env / "idx").output
     r = _run("search", "--index", env / "idx", "--checkpoint", env / "det.pth", "--text", "dog", "--json", "-")
     assert r.exit_code == 0 and len(json.loads(r.stdout)[0]["hits"]) == 20
+
+
+def test_add_passes_the_speed_options_to_the_model(env, monkeypatch):
+    seen = {}
+
+    def load(checkpoint, size, device, dtype, **speed):
+        seen.update(speed)
+        return FakeProposer()
+
+    monkeypatch.setattr(cli, "_load_uni", load)
+    r = _add(env, "--overlap", "--device-letterbox", "--channels-last")
+    assert r.exit_code == 0, r.output
+    assert seen == {"channels_last": True, "compile": None, "device_letterbox": True, "overlap": True}
+

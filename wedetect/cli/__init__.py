@@ -8,8 +8,30 @@ import typer
 from tqdm.auto import tqdm
 
 from ..errors import WeDetectError
-from .common import (DEMO_IMAGE, BatchSize, ChannelsLast, Checkpoint, Classes, ClassesFile, Compile, Device, DeviceLetterbox, Dtype,
-                     Font, ImagesOrDemo, JsonOut, OutputDir, Quiet, Size, Tokenizer, UniCheckpoint, emit_json, info, user_errors)
+from .common import (
+    DEMO_IMAGE,
+    BatchSize,
+    ChannelsLast,
+    Checkpoint,
+    Classes,
+    ClassesFile,
+    Compile,
+    Device,
+    DeviceLetterbox,
+    Dtype,
+    Font,
+    ImagesOrDemo,
+    JsonOut,
+    OutputDir,
+    Overlap,
+    Quiet,
+    Size,
+    Tokenizer,
+    UniCheckpoint,
+    emit_json,
+    info,
+    user_errors,
+)
 
 app = typer.Typer(
     name="wedetect",
@@ -101,6 +123,7 @@ def detect(
     compile: Compile = None,
     channels_last: ChannelsLast = False,
     device_letterbox: DeviceLetterbox = False,
+    overlap: Overlap = False,
     quiet: Quiet = False,
 ) -> None:
     """Detect the given classes in images; writes annotated images and COCO-format results."""
@@ -114,7 +137,8 @@ def detect(
         if output_dir is None and json_out is None:
             json_out = "-"
         model = WeDetect.from_pretrained(checkpoint, tokenizer=tokenizer, size=size, device=device, dtype=dtype)
-        model.accelerate(channels_last=channels_last, compile=compile, device_letterbox=device_letterbox)
+        model.accelerate(channels_last=channels_last, compile=compile, device_letterbox=device_letterbox,
+                         overlap=overlap)
         model.set_classes(names)
         per_image, coco_rows, skipped = [], [], []
 
@@ -152,6 +176,7 @@ def propose(
     compile: Compile = None,
     channels_last: ChannelsLast = False,
     device_letterbox: DeviceLetterbox = False,
+    overlap: Overlap = False,
     quiet: Quiet = False,
 ) -> None:
     """Class-agnostic WeDetect-Uni proposals with their embeddings."""
@@ -165,7 +190,7 @@ def propose(
         if output_dir is None and json_out is None:
             json_out = "-"
         uni = WeDetectUni.from_pretrained(uni_checkpoint, size=size, device=device, dtype=dtype)
-        uni.accelerate(channels_last=channels_last, compile=compile, device_letterbox=device_letterbox)
+        uni.accelerate(channels_last=channels_last, compile=compile, device_letterbox=device_letterbox, overlap=overlap)
         per_image, skipped = [], []
 
         def call(chunk):

@@ -35,6 +35,10 @@ DeviceLetterbox = Annotated[
         "--device-letterbox", help="Resize and pad on --device (CPU threads only decode); <= 1 grey level off."
     ),
 ]
+Overlap = Annotated[
+    bool,
+    typer.Option("--overlap", help="Post-process each batch while the network runs on the next (same results)."),
+]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 Font = Annotated[Optional[Path], typer.Option("--font", help="Font file for labels (default: a system CJK font, or $WEDETECT_FONT).")]
 

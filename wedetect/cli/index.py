@@ -19,21 +19,23 @@ from ..index.store import (
 )
 from .common import (
     BatchSize,
+    ChannelsLast,
     Checkpoint,
+    Compile,
     Device,
+    DeviceLetterbox,
     Dtype,
     Images,
     JsonOut,
     OutputDir,
+    Overlap,
     Size,
     Tokenizer,
     UniCheckpoint,
     emit_json,
     user_errors,
 )
-from .common import (
-    info as say,
-)
+from .common import info as say
 
 app = typer.Typer(
     help="Object index: extract WeDetect-Uni proposals once, then find objects by text without the images.",
@@ -57,11 +59,12 @@ def _device(device: str) -> str:
     return str(dev)
 
 
-def _load_uni(checkpoint: str, size: Optional[str], device: str, dtype: str):
-    """The proposal generator (a seam for tests: they substitute a fake proposer)."""
+def _load_uni(checkpoint: str, size: Optional[str], device: str, dtype: str, **speed):
+    """The proposal generator with the speed options ``speed`` (``WeDetectUni.accelerate``'s keywords);
+    a seam for tests: they substitute a fake proposer."""
     from .. import WeDetectUni
 
-    return WeDetectUni.from_pretrained(checkpoint, size=size, device=device, dtype=dtype)
+    return WeDetectUni.from_pretrained(checkpoint, size=size, device=device, dtype=dtype).accelerate(**speed)
 
 
 def _text_encoder(checkpoint: str, tokenizer: Optional[str], device: str, dtype: str):
@@ -109,6 +112,10 @@ def add(
     ),
     device: Device = "auto",
     dtype: Dtype = "float32",
+    compile: Compile = None,
+    channels_last: ChannelsLast = False,
+    device_letterbox: DeviceLetterbox = False,
+    overlap: Overlap = False,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     json_out: JsonOut = None,
 ) -> None:
@@ -127,7 +134,8 @@ def add(
         )
         model = checkpoint_identity(uni_checkpoint, settings, size)
         dev = _device(device)
-        proposer = _load_uni(uni_checkpoint, size, dev, dtype)
+        proposer = _load_uni(uni_checkpoint, size, dev, dtype, channels_last=channels_last, compile=compile,
+                             device_letterbox=device_letterbox, overlap=overlap)
         report = build_index(
             index,
             images,
