@@ -76,6 +76,25 @@ def test_detector_benchmark_prints_ratios_for_each_path(tmp_path):
     assert all(r["speedup_vs_reference"] > 0 and r["img_per_s"] > 0 for r in fast)
 
 
+@pytest.mark.slow
+def test_goals_benchmark_reads_each_goal_against_target_and_reference(tmp_path):
+    """A smoke run of the Speed goals on Tiny: each row has the target, the reference mode timed in the
+    same run, and is never 'met' (the goal is for Base); a Uni goal on Tiny is a one-line usage error."""
+    out = tmp_path / "goals.json"
+    proc = _run("benchmarks/goals.py", "--device", "cpu", "--size", "tiny", "--dtype", "float32", "--accel", "overlap",
+                "--only", "detector-base-b1", "--iters", "1", "--warmup", "0", "--stream", "2", "--json", str(out))  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["goal"] for r in rows] == ["detector-base-b1"]
+    row = rows[0]
+    assert row["metric"] == "latency ms" and row["target"] == 5.0 and row["value"] == row["latency_ms"] > 0
+    assert row["met"] is False and row["reference_img_per_s"] > 0 and row["vs_reference"] > 0
+    assert "official_img_per_s" not in row  # the official numbers are for Base, not Tiny
+    assert "| detector-base-b1 (on tiny) | <= 5 latency ms |" in proc.stdout
+    bad = subprocess.run([sys.executable, "benchmarks/goals.py", "--size", "tiny", "--only", "uni-base-b1"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and "base and large only" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_postprocess_benchmark_times_both_modes_and_checks_they_agree():
     proc = _run("benchmarks/bench_postprocess.py", "--images", "1", "--iters", "1", "--objects", "8")
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
