@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torchvision.ops import box_iou, nms
 
-from torchvision.ops import nms
-
+from wedetect import postprocess
 from wedetect.postprocess import (
     PostprocessConfig,
     UniPostprocessConfig,
+    _topk,
     detector_postprocess,
     detector_postprocess_fast,
-    _topk,
     nms_best_prefix,
     offset_batched_nms,
     uni_postprocess,
@@ -100,9 +100,12 @@ def test_label_separation_check_is_exact():
 @pytest.mark.parametrize("n_priors, prompts, nms_pre, spread", [(2100, 16, 30000, 300.0), (8400, 32, 30000, 120.0),
                                                                 (600, 8, 900, 400.0), (300, 3, 700, 60.0)])
 @pytest.mark.parametrize("threshold", [0.0, 0.3])
-@pytest.mark.parametrize("device", ["cpu", CUDA])
-def test_uni_fast_equals_reference(n_priors, prompts, nms_pre, spread, threshold, device):
-    """Both torchvision regimes: per-prompt loop (many candidates) and one offset NMS (< 1000 on CPU)."""
+@pytest.mark.parametrize("device, group", [("cpu", False), ("cpu", True), pytest.param(
+    "cuda", None, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_uni_fast_equals_reference(n_priors, prompts, nms_pre, spread, threshold, device, group, monkeypatch):
+    """Both torchvision regimes: per-prompt loop (many candidates) and one offset NMS (< 1000 on CPU);
+    the per-prompt loop with prompts grouped into shared NMS calls (the GPU default) too."""
+    monkeypatch.setattr(postprocess, "GROUP_LABELS", group)
     logits, boxes = (t.to(device) for t in _inputs(n_priors, prompts, seed=n_priors * prompts, spread=spread))
     meta = LetterboxMeta((480, 640), 640, (1.0, 1.0), (80.0, 80.0, 0.0, 0.0))
     cfg = UniPostprocessConfig(nms_pre=nms_pre)
@@ -158,3 +161,55 @@ def test_sampled_topk_equals_topk(k, ties):
     values, idx = _topk(scores, k)
     torch.testing.assert_close(values, scores.topk(k).values, rtol=0, atol=0)
     assert torch.equal(scores[idx], values) and idx.unique().numel() == k
+
+
+def _crowd(n: int, labels: int, seed: int, quantised: bool):
+    """Boxes in clusters (many near-duplicates across labels, as Uni's prompts give), scores per pair."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.rand(n // 20 + 1, 2, generator=g) * 600
+    c = centres[torch.randint(0, len(centres), (n,), generator=g)] + torch.randn(n, 2, generator=g) * 6
+    wh = 30 + torch.rand(n, 2, generator=g) * 40
+    boxes = torch.cat([c - wh / 2, c + wh / 2], dim=1)
+    scores = torch.rand(n, generator=g)
+    if quantised:
+        scores = (scores * 40).round() / 40
+    return boxes, scores, torch.randint(0, labels, (n,), generator=g)
+
+
+@pytest.mark.parametrize("n, labels, quantised", [(1200, 256, False), (4800, 256, False), (1200, 256, True),
+                                                  (3000, 40, True)])
+def test_grouped_label_nms_equals_one_call_per_label(n, labels, quantised):
+    """Labels share an NMS call only when no pair of their boxes comes near the threshold, and a label
+    with an overlapping tied pair keeps its own call: the survivors are the per-label calls' survivors."""
+    from wedetect.postprocess import _IOU_MARGIN, _label_groups, _per_label_nms
+
+    boxes, scores, lab = _crowd(n, labels, seed=n + labels, quantised=quantised)
+    per_label = _per_label_nms(boxes, scores, lab, 0.7, group=False)
+    grouped = _per_label_nms(boxes, scores, lab, 0.7, group=True)
+    assert torch.equal(grouped, per_label)
+    group = _label_groups(boxes, scores, lab, 0.7)
+    assert group.unique().numel() < lab.unique().numel(), "fewer NMS calls than labels"
+    # No two labels of one group have a pair near the threshold.
+    near = box_iou(boxes, boxes) > 0.7 - _IOU_MARGIN
+    assert not (near & (group[:, None] == group[None, :]) & (lab[:, None] != lab[None, :])).any()
+    # Every label of a group has all of its candidates in that group.
+    for label in lab.unique():
+        assert group[lab == label].unique().numel() == 1
+
+
+def test_grouping_separates_labels_at_the_threshold_and_isolates_tied_pairs():
+    from wedetect.postprocess import _label_groups, _per_label_nms
+
+    # Labels 0 and 1: IoU exactly 0.7 (not suppressed: the kernels test > 0.7) -> still kept apart.
+    # Label 2: two identical boxes with the same score (which survives depends on the call's sort).
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 7.0], [50.0, 50.0, 60.0, 60.0],
+                          [50.0, 50.0, 60.0, 60.0], [200.0, 0.0, 210.0, 10.0]])
+    scores = torch.tensor([0.9, 0.8, 0.5, 0.5, 0.4])
+    lab = torch.tensor([0, 1, 2, 2, 3])
+    assert float(box_iou(boxes[:1], boxes[1:2])) == pytest.approx(0.7)
+    group = _label_groups(boxes, scores, lab, 0.7).tolist()
+    assert group[0] != group[1] and group[2] == group[3]
+    assert group[2] not in (group[0], group[1], group[4]), "the tied label has a call of its own"
+    assert group[4] in (group[0], group[1]), "label 3 meets nobody: it shares a call"
+    assert torch.equal(_per_label_nms(boxes, scores, lab, 0.7, group=True),
+                       _per_label_nms(boxes, scores, lab, 0.7, group=False))

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from torchvision.ops import batched_nms as tv_batched_nms
 from torchvision.ops import box_iou, nms
@@ -73,23 +74,72 @@ def _shift(boxes: torch.Tensor, labels: torch.Tensor, unit: torch.Tensor) -> tor
     return boxes + (labels.to(boxes) * unit)[:, None]
 
 
-def _per_label_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou: float) -> torch.Tensor:
+def _per_label_nms(
+    boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou: float, group: bool | None = None
+) -> torch.Tensor:
     """Greedy NMS within each label (ascending labels); survivors sorted by score.
 
     Each label's NMS sees its candidates in list order, as ``boxes[labels == label]`` would give them:
-    a stable sort by label makes them contiguous, so the loop only slices.
+    a stable sort by label makes them contiguous, so the loop only slices. With ``group`` (default:
+    ``GROUP_LABELS``, else on GPUs), lists of up to ``_GROUP_MAX`` candidates put labels whose boxes cannot
+    suppress one another into one NMS call (``_label_groups``): on a GPU every call waits for the
+    device, and Uni has 256 labels.
     """
-    order = labels.argsort(stable=True)
-    boxes, scores_by_label = boxes[order], scores[order]
+    group = GROUP_LABELS if group is None else group
+    if (boxes.is_cuda if group is None else group) and boxes.shape[0] <= _GROUP_MAX:
+        key = _label_groups(boxes, scores, labels, iou)
+    else:
+        key = labels
+    order = key.argsort(stable=True)
+    boxes, scores_by_key = boxes[order], scores[order]
     keep_mask = torch.zeros_like(scores, dtype=torch.bool)
     start = 0
-    for count in torch.unique_consecutive(labels[order], return_counts=True)[1].tolist():
+    for count in torch.unique_consecutive(key[order], return_counts=True)[1].tolist():
         end = start + count
-        keep_mask[order[start + nms(boxes[start:end], scores_by_label[start:end], iou)]] = True
+        keep_mask[order[start + nms(boxes[start:end], scores_by_key[start:end], iou)]] = True
         start = end
     keep = keep_mask.nonzero().view(-1)
     _, order = scores[keep].sort(descending=True)
     return keep[order]
+
+
+# Lists up to this long have their pairwise IoUs computed at once (4 bytes per pair) to group labels.
+_GROUP_MAX = 8192
+# Pairs this close to the NMS threshold count as overlapping: far beyond the float rounding by which
+# this IoU and the NMS kernels' may differ, so a pair counted as apart is apart for the kernel too.
+_IOU_MARGIN = 1e-4
+# Group labels into shared NMS calls: None = on GPUs only (where each call waits for the device);
+# True / False force it (benchmarks compare both).
+GROUP_LABELS: bool | None = None
+
+
+def _label_groups(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou: float) -> torch.Tensor:
+    """A group id per candidate such that one greedy NMS per group equals one per label.
+
+    Within one NMS call a box is suppressed only by a kept, higher-scoring box with IoU above the
+    threshold. If no pair of boxes of different labels in a call can reach it, the call suppresses
+    exactly as the per-label calls do: same pairs, same IoUs, same order by score, except among exactly
+    tied scores, whose order the call's own sort decides; that matters only for an overlapping tied pair
+    of one label, so such a label keeps a call of its own. Labels with a pair near the threshold go to
+    different groups: greedy colouring of the label conflict graph, most conflicted label first, on the
+    host (one wait for the device).
+    """
+    uniq, lab = labels.unique(return_inverse=True)
+    n = uniq.numel()
+    near = box_iou(boxes, boxes) > iou - _IOU_MARGIN  # NaN (zero-area pairs) is not near, as in the kernels
+    same = lab[:, None] == lab[None, :]
+    tied = near & same & (scores[:, None] == scores[None, :])
+    tied.fill_diagonal_(False)
+    onehot = torch.nn.functional.one_hot(lab, n).to(boxes.dtype)
+    clash = (onehot.T @ (near & ~same).to(boxes.dtype) @ onehot) > 0  # label pairs with a pair near the threshold
+    alone = (onehot.T @ tied.any(1).to(boxes.dtype)) > 0  # labels with an overlapping tied pair
+    clash = (clash | alone[:, None] | alone[None, :]).cpu().numpy()
+    group = np.full(n + 1, n)  # the extra slot stands for "not coloured yet"
+    for label in np.argsort(-clash.sum(1), kind="stable"):
+        used = np.zeros(n + 1, dtype=bool)
+        used[group[:n][clash[label]]] = True
+        group[label] = int(np.argmin(used))  # the first free group
+    return torch.from_numpy(group[:n]).to(labels.device)[lab]
 
 
 def nms_best_prefix(
