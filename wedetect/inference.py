@@ -258,6 +258,7 @@ class _Overlap:
 
     def __init__(self, device: torch.device) -> None:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="wedetect-post")
+        self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.job = None
 
@@ -266,7 +267,7 @@ class _Overlap:
         ready = None
         if self.stream is not None:
             ready = torch.cuda.Event()
-            ready.record()  # after the network's kernels on the caller's stream
+            ready.record(torch.cuda.current_stream(self.device))  # after the network's kernels
         self.collect()
         self.job = (indices, self.pool.submit(self._work, post, raw, metas, ready), store)
 
