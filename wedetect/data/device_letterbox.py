@@ -51,13 +51,10 @@ def _resize_linear(x: torch.Tensor, h1: int, w1: int) -> torch.Tensor:
     vectorised 8-bit path. Matches cv2.resize on all but ~0.1 % of pixels (off by one level)."""
     h, w = x.shape[-2:]
 
-    def taps(src: int, dst: int) -> list[torch.Tensor]:
-        return [torch.from_numpy(t).to(x.device) for t in _linear_taps(src, dst)]
-
     xi = x.to(torch.int32)
-    c0, c1, a0, a1 = taps(w, w1)
+    c0, c1, a0, a1 = _linear_taps_on(w, w1, x.device)
     rows = xi[..., c0] * a0 + xi[..., c1] * a1  # (3, h, w1), scaled by 2048
-    r0, r1, b0, b1 = taps(h, h1)
+    r0, r1, b0, b1 = _linear_taps_on(h, h1, x.device)
     top, bottom = rows[:, r0] >> 4, rows[:, r1] >> 4
     out = ((b0[:, None] * top >> 16) + (b1[:, None] * bottom >> 16) + 2) >> 2
     return out.clamp_(0, 255).to(x.dtype)
@@ -86,14 +83,24 @@ def _weights(src: int, dst: int, kind: str) -> np.ndarray:
     return m if kind == "area" else m / m.sum(1, keepdims=True)
 
 
+# The tables on the device, kept: uploading them per image would move ~8 MB per 1280x720 image.
+@lru_cache(maxsize=8)
+def _linear_taps_on(src: int, dst: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.from_numpy(t).to(device) for t in _linear_taps(src, dst))
+
+
+@lru_cache(maxsize=8)
+def _weights_on(src: int, dst: int, kind: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.from_numpy(_weights(src, dst, kind)).to(device=device, dtype=dtype)
+
+
 def _resize(x: torch.Tensor, h1: int, w1: int, kind: str) -> torch.Tensor:
     """(3, h, w) float -> (3, h1, w1) float holding whole grey levels, like the library's uint8 output."""
     if kind == "linear":
         return _resize_linear(x, h1, w1)
     h, w = x.shape[-2:]
-    to = {"device": x.device, "dtype": x.dtype}
-    rw = torch.from_numpy(_weights(w, w1, kind)).to(**to)
-    rh = torch.from_numpy(_weights(h, h1, kind)).to(**to)
+    rw = _weights_on(w, w1, kind, x.device, x.dtype)
+    rh = _weights_on(h, h1, kind, x.device, x.dtype)
     if kind == "pillow_bilinear":
         # Pillow resizes horizontally into an 8-bit image, then vertically (each pass rounds).
         x = torch.floor(x @ rw.T + 0.5).clamp_(0, 255) if w1 != w else x
