@@ -153,9 +153,13 @@ def _crops(case) -> list[np.ndarray]:
 
 
 @pytest.mark.slow
-def test_overlap_matches_inline_postprocessing(official_checkpoint, case, tmp_path):
-    """``accelerate(overlap=True)``: batches post-processed on a worker thread while the next batch runs
+@pytest.mark.parametrize("threads", [1, 3])
+def test_overlap_matches_inline_postprocessing(official_checkpoint, case, tmp_path, threads, monkeypatch):
+    """``accelerate(overlap=True)``: batches post-processed on worker threads while the next batch runs
     come back identical and in input order, a partial last batch and an unreadable image included."""
+    import wedetect.inference as inference
+
+    monkeypatch.setattr(inference, "POST_THREADS_CPU", threads)
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not a jpeg")
     items = _crops(case)

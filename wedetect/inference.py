@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Sequence
@@ -62,6 +63,10 @@ def _as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+# Post-processing threads of accelerate(overlap=True): on a CPU post-processing computes, so one thread
+# beside the network is enough; on a GPU it mostly waits, so a few threads (each image on its thread's
+# own stream) overlap their waits.
+POST_THREADS_CPU, POST_THREADS_CUDA = 1, 4
 POSTPROCESS_MODES = ("fast", "reference")
 
 
@@ -123,9 +128,9 @@ class _Runner:
         decode and letterbox images ahead of the network (default ``min(8, CPUs)``; results are identical).
         ``device_letterbox`` moves resizing and padding from those threads to the inference device (they
         only decode): a CPU saving for fast GPUs, at most one grey level off the official input on ~0.1 %
-        of pixels. ``overlap`` post-processes each batch on a worker thread (on CUDA, its own stream) while
-        the network runs on the next batch; results are identical. These three keep their value when left
-        out.
+        of pixels. ``overlap`` post-processes each batch on worker threads (on CUDA ``POST_THREADS_CUDA``,
+        each image on its thread's own stream) while the network runs on the next batch; results are
+        identical. These three keep their value when left out.
         """
         if device_letterbox is not None:
             self.device_letterbox = device_letterbox
@@ -193,10 +198,10 @@ class _Runner:
         progress: bool,
         on_error: str,
         forward: Callable[[torch.Tensor], tuple],
-        post: Callable[[tuple, list[LetterboxMeta]], list[Detections]],
+        post: Callable[[tuple, int, LetterboxMeta], Detections],
     ) -> list[Detections]:
         """Batches ``images`` through ``forward`` (the network: asynchronous on GPUs) and ``post``
-        (post-processing of one batch's outputs into one ``Detections`` per image)."""
+        (post-processing of image ``j`` of one batch's outputs into its ``Detections``)."""
         if on_error not in ("raise", "skip"):
             raise WeDetectError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
         if batch_size < 1:
@@ -206,10 +211,9 @@ class _Runner:
         pending: list[tuple[int, np.ndarray, LetterboxMeta]] = []
         overlap = _Overlap(self.device) if self.overlap else None
 
-        def store(indices: list[int], dets: list[Detections]) -> None:
-            for i, det in zip(indices, dets):
-                det.path = image_name(items[i], i)
-                results[i] = det
+        def store(i: int, det: Detections) -> None:
+            det.path = image_name(items[i], i)
+            results[i] = det
 
         def flush() -> None:
             indices, arrays, metas = zip(*pending)
@@ -220,9 +224,10 @@ class _Runner:
                 batch = to_tensor(list(arrays), self.device)
             raw = forward(batch.to(self.dtype))
             if overlap is None:
-                store(list(indices), post(raw, list(metas)))
+                for j, (i, meta) in enumerate(zip(indices, metas)):
+                    store(i, post(raw, j, meta))
             else:
-                overlap.submit(post, raw, list(metas), list(indices), store)
+                overlap.submit(post, raw, metas, indices, store)
 
         try:
             prepared = self._prepared(items)
@@ -247,46 +252,55 @@ class _Runner:
 
 
 class _Overlap:
-    """Post-processes one batch on a worker thread while the caller runs the network on the next.
+    """Post-processes one batch on worker threads while the caller runs the network on the next.
 
     Post-processing is a chain of small, data-dependent steps that wait for the device (counts, NMS);
-    run inline, the GPU idles during it and the host idles during the network. Here it runs on its
-    own thread and, on CUDA, its own stream, which first waits for the network's outputs (an event),
-    so its waits never include the next batch's network. At most one batch is in post-processing:
-    ``submit`` first collects the previous one. Results are those of the inline path.
+    run inline, the GPU idles during it and the host idles during the network. Here each image is
+    post-processed on a worker thread and, on CUDA, that thread's own stream, which first waits for the
+    network's outputs (an event): its waits never include the next batch's network nor another image's
+    work, so on a GPU several images wait at once. At most one batch is in post-processing: ``submit``
+    first collects the previous one. Results are those of the inline path.
     """
 
     def __init__(self, device: torch.device) -> None:
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="wedetect-post")
         self.device = device
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.job = None
+        self.cuda = device.type == "cuda"
+        threads = POST_THREADS_CUDA if self.cuda else POST_THREADS_CPU
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="wedetect-post")
+        self.local = threading.local()
+        self.job: tuple[list, Callable] | None = None
 
-    def submit(self, post: Callable, raw: tuple, metas: list[LetterboxMeta], indices: list[int],
-               store: Callable[[list[int], list[Detections]], None]) -> None:
+    def submit(self, post: Callable, raw: tuple, metas: Sequence[LetterboxMeta], indices: Sequence[int],
+               store: Callable[[int, Detections], None]) -> None:
         ready = None
-        if self.stream is not None:
+        if self.cuda:
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.device))  # after the network's kernels
         self.collect()
-        self.job = (indices, self.pool.submit(self._work, post, raw, metas, ready), store)
+        futures = [(i, self.pool.submit(self._work, post, raw, j, meta, ready))
+                   for j, (i, meta) in enumerate(zip(indices, metas))]
+        self.job = (futures, store)
 
-    def _work(self, post: Callable, raw: tuple, metas: list[LetterboxMeta], ready) -> list[Detections]:
+    def _work(self, post: Callable, raw: tuple, j: int, meta: LetterboxMeta, ready) -> Detections:
         with torch.inference_mode():  # thread-local, like the caller's
-            if self.stream is None:
-                return post(raw, metas)
-            with torch.cuda.stream(self.stream):
-                self.stream.wait_event(ready)
+            if not self.cuda:
+                return post(raw, j, meta)
+            stream = getattr(self.local, "stream", None)
+            if stream is None:
+                stream = self.local.stream = torch.cuda.Stream(self.device)
+            with torch.cuda.stream(stream):
+                stream.wait_event(ready)
                 for t in raw:
                     if isinstance(t, torch.Tensor) and t.is_cuda:
-                        t.record_stream(self.stream)  # the allocator must not hand them to the next batch early
-                return post(raw, metas)
+                        t.record_stream(stream)  # the allocator must not hand them to the next batch early
+                return post(raw, j, meta)
 
     def collect(self) -> None:
         if self.job is not None:
-            indices, future, store = self.job
+            futures, store = self.job
             self.job = None
-            store(indices, future.result())
+            for i, future in futures:
+                store(i, future.result())
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -474,20 +488,18 @@ class WeDetect(_Runner):
         failed ``Detections`` (with ``error`` set) for unreadable images instead of raising.
         """
 
-        def post(raw: tuple[torch.Tensor, torch.Tensor], metas: list[LetterboxMeta]) -> list[Detections]:
-            out = []
-            for lg, bx, meta in zip(*raw, metas):
-                if self.mode == "fast":
-                    b, s, lab = detector_postprocess_fast(lg, bx, meta, self.postprocess_cfg, threshold)
-                else:
-                    b, s, lab = detector_postprocess(lg, bx, meta, self.postprocess_cfg)
-                keep = s > threshold
-                if not keep_blank:
-                    keep &= lab < self._num_classes
-                idx = keep.nonzero().view(-1)[:max_detections]
-                b, s, lab = _fetch(b[idx], s[idx], lab[idx])
-                out.append(Detections(b, s, lab, [self._prompts[i] for i in lab.tolist()], image_size=meta.orig_size))
-            return out
+        def post(raw: tuple[torch.Tensor, torch.Tensor], j: int, meta: LetterboxMeta) -> Detections:
+            lg, bx = raw[0][j], raw[1][j]
+            if self.mode == "fast":
+                b, s, lab = detector_postprocess_fast(lg, bx, meta, self.postprocess_cfg, threshold)
+            else:
+                b, s, lab = detector_postprocess(lg, bx, meta, self.postprocess_cfg)
+            keep = s > threshold
+            if not keep_blank:
+                keep &= lab < self._num_classes
+            idx = keep.nonzero().view(-1)[:max_detections]
+            b, s, lab = _fetch(b[idx], s[idx], lab[idx])
+            return Detections(b, s, lab, [self._prompts[i] for i in lab.tolist()], image_size=meta.orig_size)
 
         return self._run(images, batch_size, progress, on_error, self.forward_raw, post)
 
@@ -566,21 +578,18 @@ class WeDetectUni(_Runner):
         scale = torch.stack([c.logit_scale.detach().float() for c in contrasts]).to(self.device)
         bias = torch.stack([c.bias.detach().float() for c in contrasts]).to(self.device)
 
-        def post(raw: tuple[torch.Tensor, ...], metas: list[LetterboxMeta]) -> list[Detections]:
+        def post(raw: tuple[torch.Tensor, ...], j: int, meta: LetterboxMeta) -> Detections:
             embeds, logits, boxes, levels = raw
-            out = []
-            for emb, lg, bx, meta in zip(embeds, logits, boxes, metas):
-                if self.mode == "fast":
-                    b, s, lab, prior = uni_postprocess_fast(lg, bx, meta, num_proposals, self.postprocess_cfg,
-                                                            score_threshold)
-                else:
-                    b, s, lab, prior = uni_postprocess(lg, bx, meta, num_proposals, self.postprocess_cfg)
-                idx = (s > score_threshold).nonzero().view(-1)
-                prior = prior[idx]
-                lvl = levels[prior]
-                b, s, lab, e, lvl, ls, lb = _fetch(b[idx], s[idx], lab[idx], emb[prior], lvl, scale[lvl], bias[lvl])
-                out.append(Detections(b, s, lab, [""] * len(s), image_size=meta.orig_size,
-                                      embeddings=e, levels=lvl, logit_scale=ls, logit_bias=lb))
-            return out
+            if self.mode == "fast":
+                b, s, lab, prior = uni_postprocess_fast(logits[j], boxes[j], meta, num_proposals,
+                                                        self.postprocess_cfg, score_threshold)
+            else:
+                b, s, lab, prior = uni_postprocess(logits[j], boxes[j], meta, num_proposals, self.postprocess_cfg)
+            idx = (s > score_threshold).nonzero().view(-1)
+            prior = prior[idx]
+            lvl = levels[prior]
+            b, s, lab, e, lvl, ls, lb = _fetch(b[idx], s[idx], lab[idx], embeds[j][prior], lvl, scale[lvl], bias[lvl])
+            return Detections(b, s, lab, [""] * len(s), image_size=meta.orig_size,
+                              embeddings=e, levels=lvl, logit_scale=ls, logit_bias=lb)
 
         return self._run(images, batch_size, progress, on_error, self.forward_raw, post)
