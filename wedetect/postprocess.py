@@ -7,7 +7,8 @@ Uni (per image): sigmoid -> pairs above 0 -> best ``nms_pre`` -> torchvision ``b
 prompt -> best ``num_proposals`` -> map to the original image -> clamp.
 
 The ``*_fast`` variants return the same detections with exact shortcuts (``topk`` cuts, a score
-pre-filter, NMS over the shortest prefix of the candidates that holds the final keeps).
+pre-filter, NMS over the shortest prefix of the candidates that holds the final keeps, and on GPUs
+one NMS call shared by labels whose boxes cannot suppress one another).
 
 Exact score ties are common, so every sort here is the same (unstable, CPU-deterministic)
 ``torch.sort`` the official code calls; changing a sort changes which tied pairs survive.
