@@ -22,7 +22,6 @@ import bench_detector as bench
 import torch
 
 OFFICIAL = json.loads((Path(__file__).with_name("official_bench_h100.json")).read_text())
-FLOOR_TFLOPS = 800.0  # the bf16 estimate for an H100
 
 
 @dataclass(frozen=True)
@@ -77,7 +76,7 @@ def measure(goal: Goal, args) -> dict:
         out["official_img_per_s"] = official["img_per_s_total"]
         out["vs_official"] = round(best["img_per_s"] / official["img_per_s_total"], 2)
     if size in bench.GFLOP:
-        out["floor_share"] = round(best["img_per_s"] * bench.GFLOP[size] / (FLOOR_TFLOPS * 1e3), 3)
+        out["floor_share"] = round(best["img_per_s"] * bench.GFLOP[size] / (bench.FLOOR_TFLOPS * 1e3), 3)
     return out
 
 
