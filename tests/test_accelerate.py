@@ -209,6 +209,7 @@ def test_overlap_reports_errors_of_the_postprocessing_thread(official_checkpoint
         model.predict(items, batch_size=1)
     monkeypatch.setattr(inference, "detector_postprocess_fast", real)
     assert len(model.predict(items, batch_size=2)) == 3
+    assert model.predict([], batch_size=2) == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
