@@ -62,11 +62,11 @@ def _as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
     return list(images)
 
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 # Post-processing threads of accelerate(overlap=True): on a CPU post-processing computes, so one thread
 # beside the network is enough; on a GPU it mostly waits, so a few threads (each image on its thread's
 # own stream) overlap their waits.
 POST_THREADS_CPU, POST_THREADS_CUDA = 1, 4
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 POSTPROCESS_MODES = ("fast", "reference")
 
 

@@ -28,6 +28,7 @@ from .common import (
     Size,
     Tokenizer,
     UniCheckpoint,
+    check_compile_mode,
     emit_json,
     info,
     user_errors,
@@ -132,6 +133,7 @@ def detect(
     from ..data.io import collect_images
 
     with user_errors():
+        check_compile_mode(compile)
         names = class_prompts(classes, classes_file)
         paths = collect_images(images)
         if output_dir is None and json_out is None:
@@ -186,6 +188,7 @@ def propose(
     from ..data.io import collect_images
 
     with user_errors():
+        check_compile_mode(compile)
         paths = collect_images(images)
         if output_dir is None and json_out is None:
             json_out = "-"

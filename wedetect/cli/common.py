@@ -27,6 +27,14 @@ Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1 or auto
 Dtype = Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16.")]
 Size = Annotated[Optional[str], typer.Option("--size", help="tiny, base or large (default: detected from the checkpoint).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
+def check_compile_mode(value: Optional[str]) -> None:
+    """--compile is checked before a checkpoint is loaded (a one-line usage error)."""
+    from ..inference import COMPILE_MODES
+
+    if value is not None and value not in COMPILE_MODES:
+        raise WeDetectError(f"--compile must be one of {', '.join(COMPILE_MODES)}, not {value!r}")
+
+
 Compile = Annotated[Optional[str], typer.Option("--compile", help="torch.compile the network: default, reduce-overhead (CUDA graphs) or max-autotune; the first batch compiles.")]
 ChannelsLast = Annotated[bool, typer.Option("--channels-last", help="NHWC activations (faster on tensor-core GPUs).")]
 DeviceLetterbox = Annotated[

@@ -32,6 +32,7 @@ from .common import (
     Size,
     Tokenizer,
     UniCheckpoint,
+    check_compile_mode,
     emit_json,
     user_errors,
 )
@@ -124,6 +125,7 @@ def add(
     from ..index.store import open_store
 
     with user_errors():
+        check_compile_mode(compile)
         settings = ExtractionSettings(
             num_proposals=num_proposals,
             score_threshold=score_threshold,
