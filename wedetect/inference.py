@@ -5,7 +5,7 @@ import itertools
 import os
 import threading
 from collections import OrderedDict, deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -209,11 +209,11 @@ class _Runner:
         items = _as_list(images)
         results: list[Detections | None] = [None] * len(items)
         pending: list[tuple[int, np.ndarray, LetterboxMeta]] = []
-        overlap = _Overlap(self.device) if self.overlap else None
-
         def store(i: int, det: Detections) -> None:
             det.path = image_name(items[i], i)
             results[i] = det
+
+        overlap = _Overlap(self.device, store) if self.overlap else None
 
         def flush() -> None:
             indices, arrays, metas = zip(*pending)
@@ -227,7 +227,7 @@ class _Runner:
                 for j, (i, meta) in enumerate(zip(indices, metas)):
                     store(i, post(raw, j, meta))
             else:
-                overlap.submit(post, raw, metas, indices, store)
+                overlap.submit(post, raw, metas, indices)
 
         try:
             prepared = self._prepared(items)
@@ -262,24 +262,23 @@ class _Overlap:
     first collects the previous one. Results are those of the inline path.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, store: Callable[[int, Detections], None]) -> None:
         self.device = device
+        self.store = store  # receives (input index, Detections) in input order
         self.cuda = device.type == "cuda"
         threads = POST_THREADS_CUDA if self.cuda else POST_THREADS_CPU
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="wedetect-post")
         self.local = threading.local()
-        self.job: tuple[list, Callable] | None = None
+        self.job: list[tuple[int, Future]] | None = None
 
-    def submit(self, post: Callable, raw: tuple, metas: Sequence[LetterboxMeta], indices: Sequence[int],
-               store: Callable[[int, Detections], None]) -> None:
+    def submit(self, post: Callable, raw: tuple, metas: Sequence[LetterboxMeta], indices: Sequence[int]) -> None:
         ready = None
         if self.cuda:
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.device))  # after the network's kernels
         self.collect()
-        futures = [(i, self.pool.submit(self._work, post, raw, j, meta, ready))
-                   for j, (i, meta) in enumerate(zip(indices, metas))]
-        self.job = (futures, store)
+        self.job = [(i, self.pool.submit(self._work, post, raw, j, meta, ready))
+                    for j, (i, meta) in enumerate(zip(indices, metas))]
 
     def _work(self, post: Callable, raw: tuple, j: int, meta: LetterboxMeta, ready) -> Detections:
         with torch.inference_mode():  # thread-local, like the caller's
@@ -297,10 +296,9 @@ class _Overlap:
 
     def collect(self) -> None:
         if self.job is not None:
-            futures, store = self.job
-            self.job = None
+            futures, self.job = self.job, None
             for i, future in futures:
-                store(i, future.result())
+                self.store(i, future.result())
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
