@@ -1,7 +1,9 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 # Make tests/ importable as plain modules (paths.py, checkpoints.py, ...) without a package.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -47,6 +49,22 @@ def official_checkpoint(tmp_path_factory):
     checkpoints = OfficialCheckpoints(tmp_path_factory)
     yield checkpoints
     checkpoints.release_all()
+
+
+@pytest.fixture(scope="session")
+def parity_device():
+    """Device of the detector / Uni parity runs: ``WEDETECT_TEST_DEVICE`` (default ``cpu``).
+
+    On CUDA, TensorFloat-32 is switched off for the session (PyTorch lets cuDNN use it for float32
+    convolutions by default), so the float32 path is compared as float32 at the parity tolerances.
+    """
+    device = os.environ.get("WEDETECT_TEST_DEVICE", "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        pytest.fail(f"WEDETECT_TEST_DEVICE={device}, but CUDA is not available")
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield device
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @pytest.fixture(scope="session")

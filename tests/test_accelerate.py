@@ -227,3 +227,22 @@ def test_cuda_overlap_matches_inline(official_checkpoint, case, compile_mode):
         overlapped = model.predict(items, threshold=0.05, batch_size=2)
         for a, b in zip(inline, overlapped):
             _same_detections(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_upload_and_network_never_wait_for_the_device(official_checkpoint, case):
+    """Uploading a batch and running the network (detector and Uni) only queue work: a hidden wait (a
+    copy from pageable memory, an ``.item()``) would stall the host behind the GPU and undo overlap."""
+    info, _ = case
+    rgb, _ = letterbox_detector(load_bgr(parity_dir() / info["image"]), INPUT)
+    model = _detector(official_checkpoint, case, device="cuda")
+    uni = WeDetectUni.from_pretrained(official_checkpoint("keys_uni_base.json"), device="cuda")
+    model.forward_raw(to_tensor([rgb, rgb], "cuda"))  # warm-up: cuDNN picks its kernels, the allocator grows
+    uni.forward_raw(to_tensor([rgb, rgb], "cuda"))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model.forward_raw(to_tensor([rgb, rgb], "cuda"))
+        uni.forward_raw(to_tensor([rgb, rgb], "cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

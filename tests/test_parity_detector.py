@@ -48,7 +48,7 @@ def _check_samples(ours: list[torch.Tensor], ref, prefix: str) -> None:
     for i, t in enumerate(ours):
         shape = tuple(int(s) for s in ref[f"{prefix}_{i}_shape"])
         assert tuple(t.shape) == shape, f"{prefix}_{i} shape {tuple(t.shape)} != {shape}"
-        flat = t.detach().reshape(-1)
+        flat = t.detach().reshape(-1).cpu()
         _close(flat[torch.from_numpy(ref[f"{prefix}_{i}_idx"])], ref[f"{prefix}_{i}_val"], what=f"{prefix}_{i} samples")
         assert abs(flat.double().mean().item() - float(ref[f"{prefix}_{i}_mean"])) <= 1e-4 * max(1.0, float(ref[f"{prefix}_{i}_std"]))
         assert flat.double().std().item() == pytest.approx(float(ref[f"{prefix}_{i}_std"]), rel=1e-4)
@@ -86,10 +86,10 @@ def match_detections(ours_boxes, ours_scores, ours_labels, ref_boxes, ref_scores
 @pytest.mark.parity
 @pytest.mark.slow
 @pytest.mark.parametrize("case", DETECTOR_CASES, ids=lambda p: p.stem)
-def test_detector_parity(case: Path, official_checkpoint):
+def test_detector_parity(case: Path, official_checkpoint, parity_device):
     info = json.loads(case.read_text(encoding="utf-8"))
     ref = np.load(case.with_suffix(".npz"))
-    model = WeDetect.from_pretrained(official_checkpoint(info["keys"]))
+    model = WeDetect.from_pretrained(official_checkpoint(info["keys"]), device=parity_device)
     assert model.config.name == info["size"]
 
     # Text tower, from the fixture's token ids (stand-ins for the real XLM-R tokenizer).
@@ -107,7 +107,7 @@ def test_detector_parity(case: Path, official_checkpoint):
     # Backbone, neck, head.
     net = model.model
     with torch.inference_mode():
-        x = to_tensor([rgb])
+        x = to_tensor([rgb]).to(model.device)
         backbone = net.forward_backbone(x)
         _check_samples(backbone, ref, "backbone")
         feats = net.neck(backbone)
@@ -135,10 +135,10 @@ def test_detector_parity(case: Path, official_checkpoint):
 @pytest.mark.parity
 @pytest.mark.slow
 @pytest.mark.parametrize("case", UNI_CASES, ids=lambda p: p.stem)
-def test_uni_parity(case: Path, official_checkpoint):
+def test_uni_parity(case: Path, official_checkpoint, parity_device):
     info = json.loads(case.read_text(encoding="utf-8"))
     ref = np.load(case.with_suffix(".npz"))
-    uni = WeDetectUni.from_pretrained(official_checkpoint(info["keys"]))
+    uni = WeDetectUni.from_pretrained(official_checkpoint(info["keys"]), device=parity_device)
     assert uni.config.name == info["size"]
     image = case.parent / info["image"]
     rgb, _ = letterbox_uni(load_pil_rgb(image), uni.config.input_size)
@@ -153,6 +153,6 @@ def test_uni_parity(case: Path, official_checkpoint):
                                  ref["bboxes"], ref["scores"], labels)
         _close(props.embeddings.numpy()[match], ref["embeddings"], what=f"proposal embeddings ({mode})")
     # The stored per-box scale/bias reproduce each proposal's score from its embedding and prompt.
-    prompts = uni.model.prompts.detach().float()[props.labels]
+    prompts = uni.model.prompts.detach().float().cpu()[props.labels]
     logit = (props.embeddings * prompts).sum(-1) * props.logit_scale.exp() + props.logit_bias
     np.testing.assert_allclose(logit.sigmoid().numpy(), props.scores.numpy(), rtol=1e-4, atol=1e-6)

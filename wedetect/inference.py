@@ -553,8 +553,9 @@ class WeDetectUni(_Runner):
     def forward_raw(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Flattened embeddings (B, N, 768), objectness logits (B, N, P), boxes (B, N, 4), level per prior (N,)."""
         embeds, flat_logits, boxes = self._call_network(batch)
-        levels = torch.cat([torch.full((e.shape[-2] * e.shape[-1],), i, dtype=torch.int64)
-                            for i, e in enumerate(embeds)]).to(boxes.device)
+        # Filled on the device: a copy from pageable host memory would wait for the network to finish.
+        levels = torch.cat([torch.full((e.shape[-2] * e.shape[-1],), i, dtype=torch.int64, device=boxes.device)
+                            for i, e in enumerate(embeds)])
         return flatten_levels(embeds).float(), flat_logits.float(), boxes.float(), levels
 
     def _network(self, batch: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:

@@ -64,7 +64,7 @@ def offset_batched_nms(
     """
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    shifted = _shift(boxes, labels, boxes.max() + torch.tensor(1).to(boxes))
+    shifted = _shift(boxes, labels, boxes.max() + 1)  # a scalar operand: no host-to-device copy, no wait
     if shifted.shape[0] < _SPLIT_THR:
         return nms(shifted, scores, iou_threshold)
     return _per_label_nms(shifted, scores, labels, iou_threshold)
