@@ -110,8 +110,8 @@ ACCEL_ALL = "channels_last+cudagraphs+device_letterbox+overlap"
 
 
 def accel_kwargs(name: str) -> dict:
-    """``accelerate`` arguments of an --accel variant; the pre/post-processing options reset to off."""
-    kwargs = {"device_letterbox": False, "overlap": False}
+    """``accelerate`` arguments of an --accel variant; every option not in it is turned off."""
+    kwargs = {"channels_last": False, "compile": False, "device_letterbox": False, "overlap": False}
     if name == "none":
         return kwargs
     for part in (ACCEL_ALL if name == "all" else name).split("+"):

@@ -61,6 +61,18 @@ def test_channels_last_matches_default(official_checkpoint, case):
     assert model.model.image_tower.downsample_layers[0][0].weight.is_contiguous()
 
 
+def test_accelerate_calls_combine(official_checkpoint, case):
+    """An option left out keeps its value; compile=False turns compilation off."""
+    model = _detector(official_checkpoint, case)
+    model.accelerate(channels_last=True, compile="default")
+    model.accelerate(overlap=True)
+    assert model.channels_last and model._compiled is not None and model.overlap
+    model.accelerate(compile=False)
+    assert model._compiled is None and model.channels_last and model.overlap
+    model.accelerate(channels_last=False, overlap=False)
+    assert not model.channels_last and not model.overlap
+
+
 def test_uni_channels_last_matches_default(official_checkpoint):
     uni = WeDetectUni.from_pretrained(official_checkpoint("keys_uni_base.json"))
     rgb, _ = letterbox_uni(load_pil_rgb(parity_dir() / "demo.jpeg"), 160)

@@ -101,6 +101,31 @@ def test_bad_input_errors(model, tmp_path, demo_image):
             raise WeDetectError("CUDA is not available (skipped on GPU machines)")
 
 
+def test_classes_and_numbers_are_checked(model, demo_image):
+    model.set_classes("鞋床")  # one string is one class, not one class per character
+    assert model.class_names == ["鞋床"]
+    with pytest.raises(WeDetectError, match="string or a list of strings"):
+        model.set_classes(None)
+    with pytest.warns(UserWarning, match="more than once: 鞋"):
+        model.set_classes(["鞋", "床", "鞋"])
+    assert model.class_names == ["鞋", "床", "鞋"]  # kept: official lists (LVIS) repeat names
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(WeDetectError, match="max_detections must be a positive integer"):
+            model.predict(demo_image, max_detections=bad)
+        with pytest.raises(WeDetectError, match="batch_size must be a positive integer"):
+            model.predict(demo_image, batch_size=bad)
+
+
+def test_unsupported_image_objects_are_reported_per_image(model, demo_image):
+    model.set_classes(["鞋"])
+    with pytest.raises(ImageReadError, match="unsupported image type Tensor"):
+        model.predict(torch.zeros(3, 64, 64))
+    with pytest.raises(ImageReadError, match="unsupported image type bytes"):
+        model.predict(open(demo_image, "rb").read())
+    out = model.predict([None, demo_image], on_error="skip", threshold=0.0)
+    assert "unsupported image type NoneType" in out[0].error and out[1].error is None and len(out[1]) > 0
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device"))])
 @pytest.mark.parametrize("dtype, score_tol", [("bfloat16", 0.05), ("float16", 0.01)])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -10,6 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from wedetect.cli import app
+from wedetect.errors import WeDetectError
 
 runner = CliRunner()
 
@@ -88,3 +90,68 @@ def test_module_entry_point_lists_every_command():
     assert out.returncode == 0, out.stderr
     for command in ("detect", "propose", "index", "eval", "ref", "train", "finetune", "class-embeddings", "data"):
         assert f" {command} " in out.stdout, command
+
+
+def test_output_paths_and_inputs_are_checked_before_loading(tmp_path, demo_image):
+    """Each mistake is a one-line usage error found before the (missing) checkpoint is even looked at."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    gbk = tmp_path / "classes.txt"
+    gbk.write_bytes("鞋\n床\n".encode("gbk"))
+    none = tmp_path / "none.pth"
+    cases = [
+        (["--classes", "鞋", "--output-dir", a_file], "--output-dir .*a_file is a file"),
+        (["--classes", "鞋", "--json", a_file / "out.json"], "a part of the path is a file"),
+        (["--classes", "鞋", "--json", tmp_path], "is a folder"),
+        (["--classes", "狗,猫,狗"], "狗 more than once"),
+        (["--classes-file", gbk], "classes.txt is not UTF-8 text"),
+        (["--classes", "鞋", "--images", demo_image, "--images", tmp_path / "nope.jpg"], "nope.jpg: no such file"),
+    ]
+    for args, message in cases:
+        res = _run("detect", "--checkpoint", none, *args)
+        assert res.exit_code == 2, (args, res.output)
+        assert res.output.strip().count("\n") == 0 and "error:" in res.output, res.output
+        assert re.search(message, res.output), (message, res.output)
+    res = _run("propose", "--uni-checkpoint", none, "--output-dir", a_file)
+    assert res.exit_code == 2 and "is a file" in res.output
+
+
+def test_click_usage_errors_are_one_line():
+    import subprocess
+    import sys
+
+    for args, message in ((["detect", "--checkpoint", "x", "--bogus"], "No such option: --bogus"),
+                          (["propose", "--uni-checkpoint", "x", "--batch-size", "0"], "'--batch-size'"),
+                          (["detect"], "Missing option '--checkpoint'")):
+        out = subprocess.run([sys.executable, "-m", "wedetect", *args], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: ") and message in out.stderr, out.stderr
+        assert f"wedetect {args[0]} --help')" in out.stderr
+
+
+@pytest.mark.slow
+def test_propose_draws_in_its_own_frame_and_skips_thin_images(official_checkpoint, tmp_path, shapes_image):
+    """Uni decodes without the EXIF rotation, so its boxes are drawn on the unrotated image; an image too
+    thin to letterbox is skipped by name; --images repeats."""
+    from wedetect import WeDetectUni
+
+    rotated = tmp_path / "rot.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.open(shapes_image).convert("RGB").save(rotated, exif=exif.tobytes())
+    thin = tmp_path / "thin.png"
+    Image.new("RGB", (2000, 1)).save(thin)
+    out = tmp_path / "out"
+    uni = official_checkpoint("keys_uni_base.json")
+    res = _run("propose", "--uni-checkpoint", uni, "--images", rotated, "--images", thin, "--threshold", "0",
+               "--num-proposals", "20", "--output-dir", out, "--json", tmp_path / "r.json", "--device", "cpu", "-q")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    [entry] = report["images"]
+    assert entry["image_size"] == [200, 300]
+    assert report["skipped"] == [{"path": str(thin), "reason": "a 2000x1 image is too thin for a 640 input: "
+                                                               "one side would shrink to 0 pixels"}]
+    assert Image.open(out / "rot.jpg").size == (300, 200)
+    assert f"skipped {thin}: a 2000x1 image" in res.output and "1 image (1 skipped)" in res.output
+    with pytest.raises(WeDetectError, match="num_proposals must be a positive integer"):
+        WeDetectUni.from_pretrained(uni).propose(shapes_image, num_proposals=0)

@@ -42,7 +42,10 @@ CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("n_priors, k, spread", [(400, 3, 60.0), (2100, 5, 400.0), (8400, 4, 150.0), (8400, 8, 900.0)])
 @pytest.mark.parametrize("threshold", [0.0, 0.3, 0.6])
-def test_fast_equals_reference(n_priors, k, spread, threshold, device):
+def test_fast_equals_reference(n_priors, k, spread, threshold, device, monkeypatch):
+    # The fast path's NMS visits exactly tied scores in torchvision's (stable) order, the reference in
+    # torch.sort's as mmcv: with the reference on torchvision's order the shortcuts must be exact.
+    monkeypatch.setattr(postprocess, "mmcv_nms", nms)
     logits, boxes = (t.to(device) for t in _inputs(n_priors, k, seed=n_priors + k, spread=spread))
     meta = LetterboxMeta((720, 1280), 640, (0.5, 0.5), (140.0, 140.0, 0.0, 0.0))
     cfg = PostprocessConfig()
@@ -56,6 +59,49 @@ def test_fast_equals_reference(n_priors, k, spread, threshold, device):
     assert _as_set(fb[fast_above], fs[fast_above], flab[fast_above]) == _as_set(b[above], s[above], lab[above])
     torch.testing.assert_close(fs, s[keep])
     assert torch.all(fs[:-1] >= fs[1:]), "sorted by score"
+
+
+def _greedy_nms_in_sort_order(boxes, scores, iou_threshold):
+    """Greedy NMS written out: visit in torch.sort(descending=True) order, suppress IoU > threshold."""
+    iou = box_iou(boxes, boxes)
+    suppressed = torch.zeros(len(boxes), dtype=torch.bool)
+    keep = []
+    for i in scores.sort(descending=True)[1].tolist():
+        if not suppressed[i]:
+            keep.append(i)
+            suppressed |= iou[i] > iou_threshold
+    return torch.tensor(keep, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_reference_nms_visits_ties_in_torch_sort_order(split, monkeypatch):
+    """mmcv's NMS visits candidates in torch.sort's (unstable) order; torchvision's stable order keeps
+    other members of tied, overlapping pairs. Four score values: ties everywhere."""
+    g = torch.Generator().manual_seed(0)
+    n = 600
+    xy = torch.rand(n, 2, generator=g) * 300
+    boxes = torch.cat([xy, xy + 40 + torch.rand(n, 2, generator=g) * 4], dim=1)
+    scores = (torch.randint(0, 4, (n,), generator=g).float() + 1) / 8
+    scores = scores.sort(descending=True)[0][torch.randperm(n, generator=g)]
+    labels = torch.randint(0, 2, (n,), generator=g)
+    assert not torch.equal(nms(boxes, scores, 0.7), _greedy_nms_in_sort_order(boxes, scores, 0.7)), \
+        "the input has no tie that the two visiting orders resolve differently"
+    assert torch.equal(postprocess.mmcv_nms(boxes, scores, 0.7), _greedy_nms_in_sort_order(boxes, scores, 0.7))
+    if split:
+        monkeypatch.setattr(postprocess, "_SPLIT_THR", 1)  # the per-label loop of >= 10000 candidates
+    expected = []
+    shifted = boxes + labels[:, None].float() * (boxes.max() + 1)
+    if split:
+        for label in (0, 1):
+            idx = (labels == label).nonzero().view(-1)
+            expected.append(idx[_greedy_nms_in_sort_order(shifted[idx], scores[idx], 0.7)])
+        expected = torch.cat(expected)
+        expected = expected[scores[expected].sort(descending=True)[1]]
+    else:
+        expected = _greedy_nms_in_sort_order(shifted, scores, 0.7)
+    got = offset_batched_nms(boxes, scores, labels, 0.7)
+    assert set(got.tolist()) == set(expected.tolist())
+    assert torch.equal(scores[got], scores[expected])
 
 
 def test_offset_trick_keeps_labels_apart_and_splits_at_10000():

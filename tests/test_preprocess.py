@@ -6,6 +6,7 @@ import io
 import cv2
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from wedetect.data.classnames import class_prompts, load_class_names, parse_classes
@@ -152,3 +153,57 @@ def test_class_names(tmp_path):
         load_class_names(bad)
     with pytest.raises(WeDetectError, match="exactly one"):
         class_prompts("a", official)
+
+
+def test_16bit_grayscale_keeps_its_high_byte_on_both_decoders(tmp_path):
+    """Pillow's own I;16 -> RGB clips every value above 255 (a white image); both paths agree with OpenCV."""
+    levels = np.arange(0, 65536, 257, dtype=np.uint16)[:240].reshape(12, 20)
+    path = tmp_path / "g16.png"
+    Image.fromarray(levels).save(path)
+    assert Image.open(path).mode.startswith("I;16")
+    expected = (levels >> 8).astype(np.uint8)
+    assert (load_bgr(path) == expected[..., None]).all()
+    assert (np.asarray(load_pil_rgb(path)) == expected[..., None]).all()
+    assert (np.asarray(load_pil_rgb(Image.open(path))) == expected[..., None]).all()
+
+
+def test_unsupported_image_types_are_image_read_errors():
+    for bad in (torch.zeros(3, 8, 8), b"\xff\xd8", None, 3):
+        for load in (load_bgr, load_pil_rgb):
+            with pytest.raises(ImageReadError, match=f"unsupported image type {type(bad).__name__}"):
+                load(bad)
+
+
+@pytest.mark.parametrize("h, w", [(1, 2000), (2000, 1), (2, 5000)])
+def test_images_too_thin_to_letterbox_are_image_read_errors(h, w):
+    """The official code crashes in the resize; the error names the size so that the image is skipped."""
+    with pytest.raises(ImageReadError, match=f"{w}x{h} image is too thin"):
+        letterbox_detector(np.zeros((h, w, 3), np.uint8), 640)
+    with pytest.raises(ImageReadError, match=f"{w}x{h} image is too thin"):
+        letterbox_uni(Image.new("RGB", (w, h)), 640)
+    thicker = (h * 4, w) if h < w else (h, w * 4)  # one pixel or more after the resize
+    assert letterbox_detector(np.zeros((*thicker, 3), np.uint8), 640)[0].shape == (640, 640, 3)
+
+
+def test_text_files_must_be_utf8(tmp_path):
+    gbk = tmp_path / "classes.txt"
+    gbk.write_bytes("鞋\n床\n".encode("gbk"))
+    with pytest.raises(WeDetectError, match=r"class file .*classes.txt is not UTF-8 text \(byte 0x"):
+        class_prompts(classes_file=gbk)
+    listing = tmp_path / "list.txt"
+    listing.write_bytes("a.jpg\n".encode("utf-16"))
+    with pytest.raises(WeDetectError, match="image list .*list.txt is not UTF-8"):
+        collect_images(listing)
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeff鞋\n".encode())
+    assert class_prompts(classes_file=bom) == ["鞋"]
+
+
+def test_repeated_class_names_and_several_image_specs(tmp_path):
+    with pytest.raises(WeDetectError, match="狗 more than once"):
+        parse_classes("狗,猫,狗")
+    for name in ("a.jpg", "b.png"):
+        (tmp_path / name).write_bytes(b"x")
+    assert collect_images([tmp_path / "b.png", str(tmp_path / "*.jpg")]) == [tmp_path / "b.png", tmp_path / "a.jpg"]
+    with pytest.raises(WeDetectError, match="nope"):
+        collect_images([tmp_path / "a.jpg", tmp_path / "nope"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import warnings
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Sequence
@@ -57,9 +58,15 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def _as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
-    if isinstance(images, (str, os.PathLike, np.ndarray)) or not isinstance(images, Iterable):
+    # bytes and tensors are iterable but are one (unsupported) image each: decoding reports them by type.
+    if isinstance(images, (str, os.PathLike, np.ndarray, bytes, torch.Tensor)) or not isinstance(images, Iterable):
         return [images]
     return list(images)
+
+
+def _check_count(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise WeDetectError(f"{name} must be a positive integer, not {value!r}")
 
 
 # Post-processing threads of accelerate(overlap=True): on a CPU post-processing computes, so one thread
@@ -111,44 +118,46 @@ class _Runner:
 
     def accelerate(
         self,
-        channels_last: bool = False,
-        compile: str | None = None,
+        channels_last: bool | None = None,
+        compile: str | bool | None = None,
         preprocess_workers: int | None = None,
         device_letterbox: bool | None = None,
         overlap: bool | None = None,
     ) -> "_Runner":
-        """Opt-in speed settings for the vision network; returns ``self``. Each call sets both network
-        options (one left out returns to its default: ``accelerate()`` restores the plain path).
+        """Opt-in speed settings; returns ``self``. An option left out keeps its value, so calls combine.
 
         ``channels_last`` keeps images and activations NHWC (faster convolutions on tensor-core GPUs).
         ``compile`` runs network + box decoding through ``torch.compile`` in that mode (one of
-        ``COMPILE_MODES``; ``"reduce-overhead"`` also replays CUDA graphs). Shapes are static: the first
-        batch of each size compiles (tens of seconds), later ones reuse it. Outputs stay equal to the
-        default path up to float rounding (tested). ``preprocess_workers`` sets the number of threads that
-        decode and letterbox images ahead of the network (default ``min(8, CPUs)``; results are identical).
-        ``device_letterbox`` moves resizing and padding from those threads to the inference device (they
-        only decode): a CPU saving for fast GPUs, at most one grey level off the official input on ~0.1 %
-        of pixels. ``overlap`` post-processes each batch on worker threads (on CUDA ``POST_THREADS_CUDA``,
-        each image on its thread's own stream) while the network runs on the next batch; results are
-        identical. These three keep their value when left out.
+        ``COMPILE_MODES``; ``"reduce-overhead"`` also replays CUDA graphs; ``False`` turns it off). Shapes
+        are static: the first batch of each size compiles (tens of seconds), later ones reuse it. Outputs
+        stay equal to the default path up to float rounding (tested). ``preprocess_workers`` sets the
+        number of threads that decode and letterbox images ahead of the network (default ``min(8, CPUs)``;
+        results are identical). ``device_letterbox`` moves resizing and padding from those threads to the
+        inference device (they only decode): a CPU saving for fast GPUs, at most one grey level off the
+        official input on ~0.1 % of pixels. ``overlap`` post-processes each batch on worker threads (on
+        CUDA ``POST_THREADS_CUDA``, each image on its thread's own stream) while the network runs on the
+        next batch; results are identical.
         """
-        if device_letterbox is not None:
-            self.device_letterbox = device_letterbox
-        if overlap is not None:
-            self.overlap = overlap
+        if compile not in (None, False) and compile not in COMPILE_MODES:
+            raise WeDetectError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, not {compile!r}")
         if preprocess_workers is not None:
             if preprocess_workers < 1:
                 raise WeDetectError("preprocess_workers must be at least 1")
             self.preprocess_workers = preprocess_workers
-        if compile is not None and compile not in COMPILE_MODES:
-            raise WeDetectError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, not {compile!r}")
-        self.channels_last = channels_last
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        for part in self.model.children():
-            if part is not getattr(self.model, "text_tower", None):
-                part.to(memory_format=fmt)
-        self._compiled = torch.compile(self._network, mode=compile, dynamic=False) if compile else None
-        self._cudagraphs = compile == "reduce-overhead"
+        if device_letterbox is not None:
+            self.device_letterbox = device_letterbox
+        if overlap is not None:
+            self.overlap = overlap
+        if channels_last is not None:
+            self.channels_last = channels_last
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            for part in self.model.children():
+                if part is not getattr(self.model, "text_tower", None):
+                    part.to(memory_format=fmt)
+        if compile is not None:
+            # Recompiled on every call that names it: the memory format may have changed.
+            self._compiled = torch.compile(self._network, mode=compile, dynamic=False) if compile else None
+            self._cudagraphs = compile == "reduce-overhead"
         return self
 
     def _network(self, batch: torch.Tensor, *extra: torch.Tensor):
@@ -204,8 +213,7 @@ class _Runner:
         (post-processing of image ``j`` of one batch's outputs into its ``Detections``)."""
         if on_error not in ("raise", "skip"):
             raise WeDetectError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
-        if batch_size < 1:
-            raise WeDetectError("batch_size must be at least 1")
+        _check_count("batch_size", batch_size)
         items = _as_list(images)
         results: list[Detections | None] = [None] * len(items)
         pending: list[tuple[int, np.ndarray, LetterboxMeta]] = []
@@ -350,7 +358,8 @@ class WeDetect(_Runner):
         """Load an official (or our) detector checkpoint; ``tokenizer`` is a path, hub name or tokenizer.
 
         ``mode="reference"`` runs post-processing literally in the official order; ``"fast"`` (default)
-        uses exact shortcuts (see ``postprocess.detector_postprocess_fast``).
+        uses exact shortcuts (see ``postprocess.detector_postprocess_fast``; exactly tied scores may
+        resolve differently).
         A closed-set checkpoint (fixed classifier, no text tower) is ready to predict at once; its class
         names come from ``class_names``, else the checkpoint's ``meta.dataset_meta.classes``.
         """
@@ -417,15 +426,27 @@ class WeDetect(_Runner):
             self._text_cache.popitem(last=False)
         return emb
 
-    def set_classes(self, names: Sequence[str], blank: bool = True) -> None:
-        """Use these class names as prompts (the official blank ``' '`` prompt is appended unless ``blank=False``)."""
+    def set_classes(self, names: str | Sequence[str], blank: bool = True) -> None:
+        """Use these class names as prompts (the official blank ``' '`` prompt is appended unless ``blank=False``).
+
+        A single string is one class. A name given twice is kept (the official LVIS lists repeat names) with a
+        warning: each of its detections is then reported once per label.
+        """
         if self.model.text_tower is None:
             raise WeDetectError("this is a closed-set model: its classes are fixed by the checkpoint")
+        if isinstance(names, str):
+            names = [names]
+        elif not isinstance(names, Iterable):
+            raise WeDetectError(f"class names must be a string or a list of strings, not {type(names).__name__}")
         names = list(names)
         if not names:
             raise WeDetectError("no class names given")
         if any(not isinstance(n, str) or not n.strip() for n in names):
             raise WeDetectError("class names must be non-empty strings")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            warnings.warn(f"class names given more than once: {', '.join(repeated)}; their detections repeat "
+                          "under each label", stacklevel=2)
         prompts = names + ([BLANK_PROMPT] if blank else [])
         self._set(self.encode_text(prompts), prompts, len(names))
 
@@ -485,6 +506,8 @@ class WeDetect(_Runner):
         Detections of the blank prompt are dropped unless ``keep_blank``. ``on_error="skip"`` returns a
         failed ``Detections`` (with ``error`` set) for unreadable images instead of raising.
         """
+
+        _check_count("max_detections", max_detections)
 
         def post(raw: tuple[torch.Tensor, torch.Tensor], j: int, meta: LetterboxMeta) -> Detections:
             lg, bx = raw[0][j], raw[1][j]
@@ -573,6 +596,7 @@ class WeDetectUni(_Runner):
     ) -> list[Detections]:
         """Best ``num_proposals`` proposals per image with score > ``score_threshold`` (the official script
         keeps > 0.1). ``labels`` holds the objectness prompt that selected each box."""
+        _check_count("num_proposals", num_proposals)
         contrasts = self.model.head.cls_contrasts
         scale = torch.stack([c.logit_scale.detach().float() for c in contrasts]).to(self.device)
         bias = torch.stack([c.bias.detach().float() for c in contrasts]).to(self.device)

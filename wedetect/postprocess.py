@@ -11,7 +11,8 @@ pre-filter, NMS over the shortest prefix of the candidates that holds the final 
 one NMS call shared by labels whose boxes cannot suppress one another).
 
 Exact score ties are common, so every sort here is the same (unstable, CPU-deterministic)
-``torch.sort`` the official code calls; changing a sort changes which tied pairs survive.
+``torch.sort`` the official code calls; changing a sort changes which tied pairs survive. The detector's
+reference NMS visits candidates in that order too (``mmcv_nms``), where torchvision's kernel sorts stably.
 """
 from __future__ import annotations
 
@@ -53,6 +54,16 @@ def filter_scores_and_topk(scores: torch.Tensor, score_thr: float, topk: int) ->
     return kept[:n], pairs[:, 0], pairs[:, 1]
 
 
+def mmcv_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Greedy NMS visiting candidates in ``torch.sort(descending=True)`` order, as mmcv's ``nms`` does.
+
+    torchvision's kernel sorts stably, which orders exactly tied scores differently; given candidates
+    already in the unstable sort's order, its stable sort keeps that order.
+    """
+    order = scores.sort(descending=True)[1]
+    return order[nms(boxes[order], scores[order], iou_threshold)]
+
+
 def offset_batched_nms(
     boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou_threshold: float
 ) -> torch.Tensor:
@@ -66,8 +77,8 @@ def offset_batched_nms(
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     shifted = _shift(boxes, labels, boxes.max() + 1)  # a scalar operand: no host-to-device copy, no wait
     if shifted.shape[0] < _SPLIT_THR:
-        return nms(shifted, scores, iou_threshold)
-    return _per_label_nms(shifted, scores, labels, iou_threshold)
+        return mmcv_nms(shifted, scores, iou_threshold)
+    return _per_label_nms(shifted, scores, labels, iou_threshold, kernel=mmcv_nms)
 
 
 def _shift(boxes: torch.Tensor, labels: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
@@ -76,9 +87,14 @@ def _shift(boxes: torch.Tensor, labels: torch.Tensor, unit: torch.Tensor) -> tor
 
 
 def _per_label_nms(
-    boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou: float, group: bool | None = None
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    iou: float,
+    group: bool | None = None,
+    kernel: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = nms,
 ) -> torch.Tensor:
-    """Greedy NMS within each label (ascending labels); survivors sorted by score.
+    """Greedy NMS (``kernel``) within each label (ascending labels); survivors sorted by score.
 
     Each label's NMS sees its candidates in list order, as ``boxes[labels == label]`` would give them:
     a stable sort by label makes them contiguous, so the loop only slices. With ``group`` (default:
@@ -97,7 +113,7 @@ def _per_label_nms(
     start = 0
     for count in torch.unique_consecutive(key[order], return_counts=True)[1].tolist():
         end = start + count
-        keep_mask[order[start + nms(boxes[start:end], scores_by_key[start:end], iou)]] = True
+        keep_mask[order[start + kernel(boxes[start:end], scores_by_key[start:end], iou)]] = True
         start = end
     keep = keep_mask.nonzero().view(-1)
     _, order = scores[keep].sort(descending=True)
@@ -253,7 +269,9 @@ def detector_postprocess_fast(
       (``nms_best_prefix``);
     - on a GPU, above 10000 candidates the per-label loop becomes one NMS over the offset boxes whenever
       no pair of boxes of different labels can reach IoU > threshold after the offset (checked exactly).
-    Only the order among exactly tied scores may differ from the reference path.
+    Only exactly tied scores may differ from the reference path: their order, and which of two tied
+    boxes of one label overlapping above the NMS threshold survives (torchvision's NMS visits ties in
+    stable order, the reference in ``torch.sort``'s as mmcv).
     """
     scores = logits.sigmoid().flatten()
     num_classes = logits.shape[1]

@@ -173,14 +173,21 @@ class WeDetectRef:
         device: str | torch.device | None = "cpu",
         dtype: str | torch.dtype = "float32",
         attn_implementation: str | None = None,
+        uni_dtype: str | torch.dtype = "float32",
         **kwargs: Any,
     ) -> "WeDetectRef":
         """Load an official-layout WeDetect-Ref folder (and optionally a WeDetect-Uni checkpoint path
         or an already built proposer). ``device="auto"`` picks CUDA when available. Attention:
-        flash-attention 2 when installed (CUDA, half precision), else SDPA."""
+        flash-attention 2 when installed (CUDA, half precision), else SDPA.
+
+        ``dtype`` is the Qwen3-VL model's; a WeDetect-Uni loaded from a path runs in ``uni_dtype``, float32
+        as in the official demo whatever ``dtype`` is (a bf16 Uni proposes a different set of boxes)."""
         from transformers import AutoProcessor
 
         ref_dir = Path(ref_dir)
+        if ref_dir.is_file():
+            raise WeDetectError(f"WeDetect-Ref checkpoint {ref_dir} is a file: give the Hugging Face-layout folder "
+                                "(config.json, weights, tokenizer) of a WeDetect-Ref model")
         if not ref_dir.is_dir():
             raise WeDetectError(f"WeDetect-Ref checkpoint folder not found: {ref_dir}")
         try:
@@ -192,7 +199,7 @@ class WeDetectRef:
         if isinstance(uni, (str, os.PathLike)):
             from wedetect import WeDetectUni
 
-            uni = WeDetectUni.from_pretrained(uni, device=device, dtype=dtype)
+            uni = WeDetectUni.from_pretrained(uni, device=device, dtype=uni_dtype)
         return cls(model, processor, uni=uni, **kwargs)
 
     def save_pretrained(self, folder: str | Path) -> None:
@@ -337,20 +344,23 @@ class WeDetectRef:
     ) -> list[Detections] | list[list[Detections]]:
         """Detect what each expression refers to, in every image.
 
-        Per image and query: the single best proposal (default, as the official demo), or with
-        ``threshold`` every proposal scoring strictly above it, in proposal order (possibly none).
+        Per image and query: the single best proposal (default, or a negative ``threshold``: the official
+        demo's ``--score_thre -1``), or with ``threshold >= 0`` every proposal scoring strictly above it,
+        in proposal order (possibly none).
         ``labels`` hold the query index and ``names`` the query. ``boxes`` gives per-image proposals
         instead of WeDetect-Uni's. Returns a list per image of Detections for a single query string,
         of lists (one per query) for a list of queries.
         """
         single_query = isinstance(queries, str)
         query_list = [queries] if single_query else list(queries)
-        for q in query_list:
-            check_query(q)
         if not query_list:
             raise WeDetectError("predict needs at least one query")
-        if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray, RefImage)):
+        self.check_queries(query_list)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise WeDetectError(f"batch_size must be a positive integer, not {batch_size!r}")
+        if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray, RefImage, bytes, Tensor)):
             images = [images]
+        images = list(images)
         if boxes is not None and len(boxes) != len(images):
             raise WeDetectError(f"got {len(boxes)} box sets for {len(images)} images")
         results: list[list[Detections]] = []
@@ -376,9 +386,19 @@ class WeDetectRef:
         bar.close()
         return [r[0] for r in results] if single_query else results
 
+    def check_queries(self, queries: Sequence[str]) -> None:
+        """Refuse empty expressions and ones holding the model's special tokens (``<object>``, image tokens),
+        which would break the prompt's one-``<object>``-per-box layout."""
+        tokenizer = self.processor.tokenizer
+        special = set(tokenizer.all_special_ids) | {self.model.object_token_id, self.model.config.image_token_id}
+        for q in queries:
+            check_query(q)
+            if special & set(tokenizer(q, add_special_tokens=False)["input_ids"]):
+                raise RefInputError(f"the query {q!r} contains special tokens such as {OBJECT_TOKEN}")
+
     @staticmethod
     def _select(ref_image: RefImage, query: str, label: int, scores: Tensor, threshold: float | None) -> Detections:
-        if threshold is None:
+        if threshold is None or threshold < 0:
             keep = scores.argmax().reshape(1)
         else:
             keep = torch.nonzero(scores > threshold).flatten()

@@ -94,6 +94,18 @@ def test_empty_query_is_rejected(ref, image) -> None:
 def test_query_with_object_token_is_rejected(ref, image) -> None:
     with pytest.raises(RefInputError, match="<object>"):
         ref.score(image, "the <object> here", BOXES)
+    with pytest.raises(RefInputError, match="the query 'the <object> here' contains special tokens"):
+        ref.predict([image], ["a cat", "the <object> here"], boxes=[BOXES])
+
+
+def test_predict_arguments_are_checked(ref, image) -> None:
+    for bad in (0, -2, 1.5):
+        with pytest.raises(WeDetectError, match="batch_size must be a positive integer"):
+            ref.predict([image], "a cat", boxes=[BOXES], batch_size=bad)
+    with pytest.raises(WeDetectError, match="unsupported image type Tensor"):
+        ref.predict(torch.zeros(3, 48, 64), "a cat", boxes=[BOXES])  # one image, not three
+    [det] = ref.predict((im for im in [image]), "a cat", boxes=[BOXES])  # any iterable of images
+    assert len(det) == 1
 
 
 def test_no_proposals_is_an_error(ref, image) -> None:
@@ -142,6 +154,9 @@ def test_bad_images(ref, tmp_path) -> None:
 def test_missing_checkpoint_folder(tmp_path) -> None:
     with pytest.raises(WeDetectError, match="not found"):
         WeDetectRef.from_pretrained(tmp_path / "nope")
+    (tmp_path / "detector.pth").write_bytes(b"x")
+    with pytest.raises(WeDetectError, match="is a file: give the Hugging Face-layout folder"):
+        WeDetectRef.from_pretrained(tmp_path / "detector.pth")
 
 
 def _rewrite_weights(folder: Path, edit) -> None:
@@ -257,6 +272,18 @@ def test_predict_threshold_and_multiple_queries(ref, image) -> None:
         assert (det.labels == label).all()
     [[none, _]] = ref.predict([image], queries, threshold=1.0, boxes=[BOXES])
     assert len(none) == 0 and none.boxes.shape == (0, 4)
+    # A negative threshold is the official --score_thre -1: the best box only.
+    [[best, _]] = ref.predict([image], queries, threshold=-1, boxes=[BOXES])
+    torch.testing.assert_close(best.boxes, torch.from_numpy(BOXES)[scores[0].argmax()][None], atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_uni_from_a_path_runs_in_float32_whatever_the_ref_dtype(tiny_ref_dir, official_checkpoint) -> None:
+    uni = official_checkpoint("keys_uni_base.json")
+    ref = WeDetectRef.from_pretrained(tiny_ref_dir, uni=uni, dtype="bfloat16", **FAST)
+    assert ref.model.dtype == torch.bfloat16 and ref.uni.dtype == torch.float32
+    ref = WeDetectRef.from_pretrained(tiny_ref_dir, uni=uni, uni_dtype="bfloat16", **FAST)
+    assert ref.model.dtype == torch.float32 and ref.uni.dtype == torch.bfloat16
 
 
 def test_bfloat16_runs_close_to_float32(tiny_ref_dir, ref, image) -> None:
@@ -322,6 +349,33 @@ def test_cli_usage_and_checkpoint_errors(tiny_ref_dir, tmp_path) -> None:
     result = runner.invoke(app, ["ref", "--ref-checkpoint", str(stage2), "--image", image, "--query", "x",
                                  "--boxes", str(tmp_path / "b.json"), "--device", "cpu"])
     assert result.exit_code == 2 and "stage-2" in result.output and "Traceback" not in result.output
+
+
+def test_cli_query_and_boxes_mistakes_are_usage_errors(tiny_ref_dir, tmp_path) -> None:
+    """A bad query stops the run with one line (not every image "skipped" and exit 0); an empty one is
+    caught before any model loads."""
+    from typer.testing import CliRunner
+
+    from paths import FIXTURES
+    from wedetect.cli import app
+
+    image = str(FIXTURES / "shapes_300x200.png")
+    boxes = tmp_path / "b.json"
+    boxes.write_text(json.dumps({"shapes_300x200.png": [[0, 0, 10, 10]]}))
+    gbk = tmp_path / "gbk.json"
+    gbk.write_bytes(json.dumps({"狗.png": [[0, 0, 1, 1]]}, ensure_ascii=False).encode("gbk"))
+    runner = CliRunner()
+    for checkpoint, query, box_file, message in (
+        (tmp_path / "missing", "   ", boxes, "non-empty expression"),
+        (tiny_ref_dir, "the <object> here", boxes, "contains special tokens"),
+        (tiny_ref_dir, "a cat", gbk, "gbk.json is not UTF-8 text"),
+    ):
+        result = runner.invoke(app, ["ref", "--ref-checkpoint", str(checkpoint), "--image", image, "--query", query,
+                                     "--boxes", str(box_file), "--device", "cpu", "-q"])
+        assert result.exit_code == 2, result.output
+        assert result.output.strip().count("\n") == 0 and message in result.output, result.output
+    result = runner.invoke(app, ["ref", "--ref-checkpoint", str(tiny_ref_dir), "--image", image, "--query", "x"])
+    assert result.exit_code == 2 and result.output.startswith("error: give exactly one of --uni-checkpoint")
 
 
 def test_fresh_model_uses_the_intended_init(tiny_ref_dir) -> None:

@@ -1,6 +1,7 @@
 """The ``wedetect`` command: a thin layer over the package's Python API."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -29,8 +30,11 @@ from .common import (
     Tokenizer,
     UniCheckpoint,
     check_compile_mode,
+    check_outputs,
     emit_json,
     info,
+    plural,
+    skip_reason,
     user_errors,
 )
 
@@ -70,30 +74,35 @@ def _unique_names(paths: list[Path]) -> dict[Path, str]:
     return out
 
 
-def _annotate(path: Path, det, out_dir: Path, stem: str, font: Optional[Path]) -> None:
-    from PIL import Image
-
-    from ..data.io import load_bgr
+def _annotate(image, det, out_dir: Path, stem: str, font: Optional[Path]) -> None:
     from ..visualize import draw_detections
 
-    image = Image.fromarray(load_bgr(path)[:, :, ::-1])
     draw_detections(image, det, font=font).save(out_dir / f"{stem}.jpg", quality=92)
 
 
 def _run_and_annotate(paths: list[Path], call: Callable, desc: str, quiet: bool, output_dir: Optional[Path],
-                      font: Optional[Path], skipped: list[dict]) -> Iterator:
+                      font: Optional[Path], skipped: list[dict], decode: Callable) -> Iterator:
     """Run ``call`` over the images, record unreadable ones in ``skipped`` and draw the rest into
-    ``output_dir``; yields (image index, path, detections, output stem) per readable image."""
-    if output_dir is not None:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    ``output_dir`` on ``decode(path)`` (a PIL RGB image in the frame of the boxes); yields (image index,
+    path, detections, output stem) per readable image."""
     stems = _unique_names(paths)
     for i, (path, det) in enumerate(_run_images(paths, call, desc, quiet)):
         if det.error:
-            skipped.append({"path": str(path), "reason": det.error})
+            skipped.append({"path": str(path), "reason": skip_reason(path, det.error)})
             continue
         if output_dir is not None:
-            _annotate(path, det, output_dir, stems[path], font)
+            _annotate(decode(path), det, output_dir, stems[path], font)
         yield i, path, det, stems[path]
+
+
+def _decode_like_detector(path: Path):
+    """The detector's frame: OpenCV decoding, which applies the EXIF orientation."""
+    from PIL import Image
+
+    from ..data.io import load_bgr
+
+    return Image.fromarray(load_bgr(path)[:, :, ::-1])
+
 
 
 def _summary(what: str, per_image: list[dict], skipped: list[dict], json_out: Optional[str],
@@ -101,18 +110,18 @@ def _summary(what: str, per_image: list[dict], skipped: list[dict], json_out: Op
     for s in skipped:
         info(f"skipped {s['path']}: {s['reason']}", json_out)
     total = sum(len(r["boxes"]) for r in per_image)
-    info(f"{total} {what} in {len(per_image)} images ({len(skipped)} skipped)"
+    info(f"{total} {what} in {plural(len(per_image), 'image')} ({len(skipped)} skipped)"
          + (f"; results in {output_dir}" if output_dir else ""), json_out)
 
 
 @app.command()
 def detect(
     checkpoint: Checkpoint,
-    images: ImagesOrDemo = DEMO_IMAGE,
+    images: ImagesOrDemo = None,
     tokenizer: Tokenizer = None,
     classes: Classes = None,
     classes_file: ClassesFile = None,
-    threshold: float = typer.Option(0.3, "--threshold", help="Keep detections scoring above this."),
+    threshold: float = typer.Option(0.3, "--threshold", help="Keep detections scoring above this (official demo default: 0.05)."),
     max_detections: int = typer.Option(100, "--max-detections", min=1, help="At most this many per image (official --topk)."),
     output_dir: OutputDir = None,
     json_out: JsonOut = None,
@@ -135,20 +144,26 @@ def detect(
     with user_errors():
         check_compile_mode(compile)
         names = class_prompts(classes, classes_file)
-        paths = collect_images(images)
+        paths = collect_images(images or [DEMO_IMAGE])
+        check_outputs(output_dir, json_out)
         if output_dir is None and json_out is None:
             json_out = "-"
         model = WeDetect.from_pretrained(checkpoint, tokenizer=tokenizer, size=size, device=device, dtype=dtype)
         model.accelerate(channels_last=channels_last, compile=compile, device_letterbox=device_letterbox,
                          overlap=overlap)
-        model.set_classes(names)
+        with warnings.catch_warnings(record=True) as caught:  # repeated names in a class file: a note, not a trace
+            warnings.simplefilter("always")
+            model.set_classes(names)
+        for w in caught:
+            info(f"note: {w.message}", json_out)
         per_image, coco_rows, skipped = [], [], []
 
         def call(chunk):
             return model.predict(chunk, threshold=threshold, max_detections=max_detections,
                                  batch_size=batch_size, on_error="skip")
 
-        for image_id, path, det, _ in _run_and_annotate(paths, call, "detect", quiet, output_dir, font, skipped):
+        for image_id, path, det, _ in _run_and_annotate(paths, call, "detect", quiet, output_dir, font, skipped,
+                                                        _decode_like_detector):
             rows = det.to_coco(image_id)
             for row, name in zip(rows, det.names):
                 row.update(file_name=str(path), category_name=name)
@@ -163,7 +178,7 @@ def detect(
 @app.command()
 def propose(
     uni_checkpoint: UniCheckpoint,
-    images: ImagesOrDemo = DEMO_IMAGE,
+    images: ImagesOrDemo = None,
     threshold: float = typer.Option(0.1, "--threshold", help="Keep proposals scoring above this (official script: 0.1)."),
     num_proposals: int = typer.Option(300, "--num-proposals", min=1, help="Proposals per image before the threshold."),
     output_dir: OutputDir = None,
@@ -185,11 +200,12 @@ def propose(
     import numpy as np
 
     from .. import WeDetectUni
-    from ..data.io import collect_images
+    from ..data.io import collect_images, load_pil_rgb
 
     with user_errors():
         check_compile_mode(compile)
-        paths = collect_images(images)
+        paths = collect_images(images or [DEMO_IMAGE])
+        check_outputs(output_dir, json_out)
         if output_dir is None and json_out is None:
             json_out = "-"
         uni = WeDetectUni.from_pretrained(uni_checkpoint, size=size, device=device, dtype=dtype)
@@ -200,7 +216,9 @@ def propose(
             return uni.propose(chunk, num_proposals=num_proposals, score_threshold=threshold,
                                batch_size=batch_size, on_error="skip")
 
-        for _, _, det, stem in _run_and_annotate(paths, call, "propose", quiet, output_dir, font, skipped):
+        # Uni decodes with Pillow and no EXIF rotation: its boxes are drawn in that frame.
+        for _, _, det, stem in _run_and_annotate(paths, call, "propose", quiet, output_dir, font, skipped,
+                                                 load_pil_rgb):
             per_image.append({**det.to_dict(), "levels": det.levels.tolist()})
             if output_dir is not None and save_embeddings:
                 np.savez(output_dir / f"{stem}.npz", boxes=det.boxes.numpy(), scores=det.scores.numpy(),
@@ -231,8 +249,27 @@ _mount_subcommands()
 
 
 def main() -> None:
+    try:  # typer >= 0.22 ships its own copy of click
+        from typer._click import exceptions as click
+    except ImportError:
+        from click import exceptions as click
+
     try:
-        app()
+        code = app(standalone_mode=False)
+    except click.NoArgsIsHelpError as e:
+        e.show()  # the help text, as for --help
+        raise SystemExit(2) from None
+    except click.UsageError as e:  # one line, like every other usage error
+        where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        typer.echo(f"error: {e.format_message()}{where}", err=True)
+        raise SystemExit(2) from None
+    except click.ClickException as e:
+        typer.echo(f"error: {e.format_message()}", err=True)
+        raise SystemExit(e.exit_code) from None
+    except typer.Abort:
+        typer.echo("error: interrupted", err=True)
+        raise SystemExit(130) from None
     except WeDetectError as e:  # errors raised outside a command's own handler
         typer.echo(f"error: {e}", err=True)
         raise SystemExit(2) from None
+    raise SystemExit(code if isinstance(code, int) else 0)

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Annotated, Any, Iterator, Optional
 
 import typer
-from typing_extensions import Annotated
 
 from ..errors import WeDetectError
 
@@ -20,7 +20,7 @@ Classes = Annotated[Optional[str], typer.Option("--classes", help="Class names s
 ClassesFile = Annotated[Optional[Path], typer.Option("--classes-file", help="Class file: official JSON list of name lists, one name per line, or a built-in list: coco, coco_zh, lvis, lvis_zh, retrieval_coco_zh, retrieval_lvis_zh.")]
 Images = Annotated[str, typer.Option("--images", help="An image file, a folder, a glob, or a .txt list of paths.")]
 DEMO_IMAGE = str(Path(__file__).resolve().parent.parent / "assets" / "demo.jpeg")
-ImagesOrDemo = Annotated[str, typer.Option("--images", help="An image file, a folder, a glob, or a .txt list of paths (default: the bundled demo image).")]
+ImagesOrDemo = Annotated[Optional[list[str]], typer.Option("--images", help="An image file, a folder, a glob, or a .txt list of paths; repeatable (default: the bundled demo image).", metavar="<path>", show_default=False)]
 OutputDir = Annotated[Optional[Path], typer.Option("--output-dir", help="Folder for the files written (annotated images, results).")]
 JsonOut = Annotated[Optional[str], typer.Option("--json", help="Write machine-readable results to FILE ('-' for stdout).")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1 or auto (cuda when available).")]
@@ -55,6 +55,47 @@ def fail(message: str, code: int = 2) -> None:
     """Print a one-line error and exit non-zero."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def check_outputs(output_dir: Optional[Path], json_out: Optional[str]) -> None:
+    """Create ``--output-dir`` and the folder of ``--json`` before any work, so that a path that cannot
+    be written is a one-line usage error up front rather than a failure after the whole run."""
+    if output_dir is not None:
+        if output_dir.exists() and not output_dir.is_dir():
+            raise WeDetectError(f"--output-dir {output_dir} is a file, not a folder")
+        _make_folder(output_dir, "--output-dir")
+    if json_out is not None and json_out != "-":
+        target = Path(json_out)
+        if target.is_dir():
+            raise WeDetectError(f"--json {json_out} is a folder; give a file name")
+        _make_folder(target.parent, f"--json {json_out}:")
+        if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+            raise WeDetectError(f"--json {json_out}: not writable")
+
+
+def _make_folder(folder: Path, flag: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise WeDetectError(f"{flag} {folder} cannot be created: a part of the path is a file") from None
+    except OSError as e:
+        raise WeDetectError(f"{flag} {folder} cannot be created: {e.strerror or e}") from None
+
+
+def quiet_transformers() -> None:
+    """No transformers progress bars ("Loading weights") in this process: for ``--quiet``."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def skip_reason(path: Any, error: str) -> str:
+    """An input's error without the path that the skipped-input line already names."""
+    return error.removeprefix(f"{path}: ")
 
 
 @contextmanager

@@ -9,11 +9,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
-from typing_extensions import Annotated
 
 from wedetect.errors import WeDetectError
 
@@ -160,7 +160,13 @@ def detection(
     """
     from wedetect.eval.dataset import CocoDataset, resolve_image_paths
     from wedetect.eval.detection import evaluate_detections, load_detections
-    from wedetect.eval.runner import DETECTION_FIELDS, ResultCache, check_image_sizes, records_to_coco, run_over_images
+    from wedetect.eval.runner import (
+        DETECTION_FIELDS,
+        ResultCache,
+        check_image_sizes,
+        records_to_coco,
+        run_over_images,
+    )
 
     with user_errors():
         data = CocoDataset.load(dataset)
@@ -187,7 +193,9 @@ def detection(
                                         "(only a closed-set checkpoint brings its own classes)")
                 names = _class_names(classes_file)
                 data.check_class_count(len(names), f"class file {classes_file}")
-                model.set_classes(names, blank=blank_prompt)
+                with warnings.catch_warnings():  # repeated names are distinct categories here (LVIS has some)
+                    warnings.simplefilter("ignore")
+                    model.set_classes(names, blank=blank_prompt)
             # The model's own post-processing applies these before `predict` sees the detections.
             model.postprocess_cfg = dataclasses.replace(
                 model.postprocess_cfg, score_thr=score_thr, max_per_img=max_per_image
@@ -298,7 +306,7 @@ def retrieval(
     ),
     mode: str = typer.Option("coco", help="Relevance rules: coco (every annotation) or lvis (area > 0)."),
     threshold: float = typer.Option(
-        0.3, help="Retrieve an image when its best score is above this (official default 0.3; README 0.2)."
+        0.3, help="Retrieve an image when its best score is above this (official default 0.3; the official README uses 0.2)."
     ),
     scoring: str = typer.Option(
         "wedetect", help="wedetect: sigmoid(exp(scale)*<e,t>+bias); raw: sigmoid(<e,t>) (official 'hqclip')."
@@ -334,7 +342,12 @@ def retrieval(
     import torch
 
     from wedetect.eval.dataset import CocoDataset
-    from wedetect.eval.retrieval import evaluate_object_retrieval, load_embeddings, save_embeddings, verified_negatives
+    from wedetect.eval.retrieval import (
+        evaluate_object_retrieval,
+        load_embeddings,
+        save_embeddings,
+        verified_negatives,
+    )
     from wedetect.eval.runner import PROPOSAL_FIELDS, records_to_embeddings
 
     with user_errors():

@@ -79,11 +79,12 @@ def _ref_scorer(ref_checkpoint: Path, device: str, dtype: str) -> Scorer:
     return score
 
 
-def _uni_proposals(uni_checkpoint: Path, image_root: Path, device: str, dtype: str) -> ProposalSource:
-    """Proposals from WeDetect-Uni (top 100, score > 0) for datasets shipped without ``proposals.json``."""
+def _uni_proposals(uni_checkpoint: Path, image_root: Path, device: str) -> ProposalSource:
+    """Proposals from WeDetect-Uni (top 100, score > 0) for datasets shipped without ``proposals.json``;
+    float32 whatever the Ref dtype, as the official demo (a bf16 Uni proposes other boxes)."""
     from wedetect import WeDetectUni
 
-    uni = WeDetectUni.from_pretrained(str(uni_checkpoint), device=device, dtype=dtype)
+    uni = WeDetectUni.from_pretrained(str(uni_checkpoint), device=device, dtype="float32")
     cache: dict[str, np.ndarray] = {}
 
     def lookup(name: str) -> np.ndarray:
@@ -158,7 +159,8 @@ def rec(
     ),
     device: Optional[str] = typer.Option(None, "--device", help="Model device (default: cuda if available)."),
     dtype: Optional[str] = typer.Option(
-        None, "--dtype", help="Model dtype (default: bfloat16 on cuda, float32 on cpu)."
+        None, "--dtype",
+        help="WeDetect-Ref dtype (default: bfloat16 on cuda, float32 on cpu); WeDetect-Uni runs in float32."
     ),
 ) -> None:
     """Evaluate referring-expression detection with the official post-processing and metrics."""
@@ -189,7 +191,7 @@ def rec(
         if ref_checkpoint is not None and needs_uni:
             if uni_checkpoint is None:
                 raise RecError(f"{dataset_dir} has no proposals.json: pass --uni-checkpoint to compute proposals")
-            proposals = _uni_proposals(uni_checkpoint, root, device, dtype)
+            proposals = _uni_proposals(uni_checkpoint, root, device)
         data = load_rec_dataset(kind.value, dataset_dir, image_root, proposals)
         if scores is not None:
             matrices = load_model_scores(scores, data)

@@ -8,8 +8,23 @@ from typing import Optional
 import typer
 from tqdm.auto import tqdm
 
+from ..data.io import read_text
 from ..errors import WeDetectError
-from .common import Device, Dtype, Font, JsonOut, OutputDir, Quiet, emit_json, info, user_errors
+from .common import (
+    Device,
+    Dtype,
+    Font,
+    JsonOut,
+    OutputDir,
+    Quiet,
+    check_outputs,
+    emit_json,
+    info,
+    plural,
+    quiet_transformers,
+    skip_reason,
+    user_errors,
+)
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -17,7 +32,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 def _load_boxes(path: Path) -> dict[str, list]:
     """``--boxes``: a JSON object mapping an image path (as given, or its file name) to xyxy boxes."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path, "--boxes"))
     except (OSError, json.JSONDecodeError) as e:
         raise WeDetectError(f"--boxes {path}: {e}") from None
     if not isinstance(data, dict):
@@ -32,19 +47,21 @@ def ref(
     query: list[str] = typer.Option(
         ..., "--query", help="The referring expression (Chinese or English); repeat for several."),
     image: list[str] = typer.Option(
-        ..., "--image", "--images", help="An image, folder, glob or .txt list; repeatable."),
+        ..., "--image", "--images", metavar="<path>", help="An image, folder, glob or .txt list; repeatable."),
     uni_checkpoint: Optional[str] = typer.Option(
         None, "--uni-checkpoint", help="WeDetect-Uni checkpoint that proposes the boxes (top 100 per image)."),
     boxes: Optional[Path] = typer.Option(
         None, "--boxes", help="JSON object mapping each image (path or file name) to its x1,y1,x2,y2 boxes: "
                               "score these instead of running WeDetect-Uni."),
     threshold: Optional[float] = typer.Option(
-        None, "--threshold", help="Keep every box scoring above this (default: only the best box)."),
+        None, "--threshold", help="Keep every box scoring above this, in proposal order (default, or negative: "
+                                  "only the best box, as the official --score_thre -1)."),
     output_dir: OutputDir = None,
     json_out: JsonOut = None,
     font: Font = None,
     device: Device = "auto",
-    dtype: Dtype = "float32",
+    dtype: str = typer.Option("float32", "--dtype", help="The Ref model's float32, float16 or bfloat16 "
+                                                         "(WeDetect-Uni runs in float32, as the official demo)."),
     attn: Optional[str] = typer.Option(
         None, "--attn", help="sdpa, eager or flash_attention_2 (default: flash-attention when installed on CUDA, "
                              "else sdpa)."),
@@ -55,23 +72,26 @@ def ref(
     import torch
 
     from ..data.io import collect_images, load_pil_rgb
-    from ..ref import WeDetectRef
+    from ..ref import WeDetectRef, check_query
     from ..structures import Detections
     from ..visualize import draw_detections
     from . import _unique_names
 
     with user_errors():
-        paths = [p for spec in image for p in collect_images(spec)]
+        for q in query:
+            check_query(q)
+        paths = collect_images(image)
         if (uni_checkpoint is None) == (boxes is None):
-            raise typer.BadParameter(
-                "give exactly one of --uni-checkpoint (propose boxes) or --boxes (score given boxes)")
+            raise WeDetectError("give exactly one of --uni-checkpoint (propose boxes) or --boxes (score given boxes)")
         given = _load_boxes(boxes) if boxes is not None else None
+        check_outputs(output_dir, json_out)
         if output_dir is None and json_out is None:
             json_out = "-"
+        if quiet:
+            quiet_transformers()
         model = WeDetectRef.from_pretrained(ref_checkpoint, uni=uni_checkpoint, device=device, dtype=dtype,
                                             attn_implementation=attn)
-        if output_dir is not None:
-            output_dir.mkdir(parents=True, exist_ok=True)
+        model.check_queries(query)  # special tokens: a usage error, not a skip of every image
         stems = _unique_names(paths)
         results, skipped = [], []
         for path in tqdm(paths, desc="ref", unit="img", disable=quiet or len(paths) < 2):
@@ -84,7 +104,7 @@ def ref(
                 dets = model.predict([path], query, threshold=threshold,
                                      boxes=None if proposals is None else [proposals])[0]
             except WeDetectError as e:  # one bad image (unreadable, no proposals) does not stop the run
-                skipped.append({"path": str(path), "reason": str(e)})
+                skipped.append({"path": str(path), "reason": skip_reason(path, str(e))})
                 continue
             results.append({
                 "path": str(path),
@@ -108,7 +128,8 @@ def ref(
         for s in skipped:
             info(f"skipped {s['path']}: {s['reason']}", json_out)
         total = sum(len(q["boxes"]) for r in results for q in r["queries"])
-        info(f"{total} boxes for {len(query)} queries in {len(results)} images ({len(skipped)} skipped)"
+        info(f"{total} boxes for {len(query)} queries in {plural(len(results), 'image')} "
+             f"({len(skipped)} skipped)"
              + (f"; results in {output_dir}" if output_dir else ""), json_out)
 
 
@@ -119,7 +140,7 @@ def ref_finetune(
     annotations: Path = typer.Option(
         ..., "--annotations", help="JSON list of {image, class_name, bounding_boxes, caption?} (official stage-3)."),
     proposals: Path = typer.Option(
-        ..., "--proposals", help="JSON object {image: [[x1, y1, x2, y2], ...]} of WeDetect-Uni proposals."),
+        ..., "--proposals", help="JSON object {image: \\[\\[x1, y1, x2, y2], ...]} of WeDetect-Uni proposals."),
     output_dir: Path = typer.Option(..., "--output-dir", help="Where the fine-tuned checkpoint folder is written."),
     image_root: Optional[Path] = typer.Option(
         None, "--image-root", help="Base of relative image paths (default: the annotation file's folder)."),
@@ -142,6 +163,8 @@ def ref_finetune(
 
     with user_errors():
         samples = load_ref_samples(annotations, proposals, image_root=image_root)
+        if quiet:
+            quiet_transformers()
         model = WeDetectRef.from_pretrained(ref_checkpoint, device=device, dtype=dtype)
         config = RefFinetuneConfig(lr=lr, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
                                    train_llm=train_llm, seed=seed)

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from ..errors import WeDetectError
+from .io import read_text
 
 _TEXTS = Path(__file__).resolve().parent / "texts"
 # Built-in name -> shipped file. The first four are the official data/texts files (COCO / LVIS v1,
@@ -52,13 +53,16 @@ def parse_classes(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",")]
     if not text.strip() or any(not n for n in names):
         raise WeDetectError(f"--classes {text!r}: give comma-separated, non-empty class names")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise WeDetectError(f"--classes names {', '.join(repeated)} more than once")
     return names
 
 
 def load_class_names(path: str | os.PathLike) -> list[list[str]]:
     """Entries of a class file or built-in list, each a non-empty list of names (first = the prompt)."""
     path = resolve_class_file(path)
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text(path, "class file")
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)

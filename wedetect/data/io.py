@@ -9,7 +9,7 @@ from __future__ import annotations
 import glob
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Sequence, Union
 
 import cv2
 import numpy as np
@@ -37,13 +37,30 @@ def _check_array(arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr[:, :, :3])
 
 
+def _path(image: Any) -> Path:
+    if not isinstance(image, (str, os.PathLike)):
+        raise ImageReadError(
+            f"unsupported image type {type(image).__name__}: pass a path, a PIL image or an HxWx3 uint8 RGB array"
+        )
+    return Path(image)
+
+
+def _pil_rgb(im: Image.Image) -> Image.Image:
+    """``im`` as RGB. 16-bit greyscale keeps its high byte, as OpenCV's decoder does: Pillow's own
+    conversion clips every value above 255, turning the image white."""
+    if im.mode.startswith("I;16") or (im.mode == "I" and im.getextrema()[1] > 255):
+        high = (np.asarray(im).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(high).convert("RGB")
+    return im.convert("RGB")
+
+
 def load_bgr(image: ImageInput) -> np.ndarray:
     """Decode for the detector: uint8 HxWx3 BGR. Arrays and PIL images are taken as RGB."""
     if isinstance(image, np.ndarray):
         return _check_array(image)[:, :, ::-1].copy()
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))[:, :, ::-1].copy()
-    path = Path(image)
+        return np.asarray(_pil_rgb(image))[:, :, ::-1].copy()
+    path = _path(image)
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as e:
@@ -61,15 +78,25 @@ def load_pil_rgb(image: ImageInput) -> Image.Image:
     if isinstance(image, np.ndarray):
         return Image.fromarray(_check_array(image))
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    path = Path(image)
+        return _pil_rgb(image)
+    path = _path(image)
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return _pil_rgb(im)
     except FileNotFoundError as e:
         raise ImageReadError(f"{path}: file not found") from e
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ImageReadError(f"{path}: not a decodable image ({e})") from e
+
+
+def read_text(path: Path, what: str) -> str:
+    """A user's text file (UTF-8, optional BOM); anything else is a ``WeDetectError`` naming the file."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise WeDetectError(
+            f"{what} {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at position {e.start}); save it as UTF-8"
+        ) from None
 
 
 def image_name(image: Any, index: int) -> str:
@@ -77,12 +104,15 @@ def image_name(image: Any, index: int) -> str:
     return str(image) if isinstance(image, (str, os.PathLike)) else f"<image {index}>"
 
 
-def collect_images(spec: str | os.PathLike) -> list[Path]:
-    """Expand ``--images``: a file, a folder (image files, sorted), a glob, or a .txt list of paths.
+def collect_images(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand ``--images``: a file, a folder (image files, sorted), a glob, or a .txt list of paths;
+    or a list of those, expanded in order.
 
     A list file holds one path per line (relative paths are relative to the list file; blank lines and
     ``#`` comments ignored). Missing entries are kept so the caller reports them by name.
     """
+    if not isinstance(spec, (str, os.PathLike)):
+        return [p for one in spec for p in collect_images(one)]
     text = str(spec)
     path = Path(text).expanduser()
     if path.is_dir():
@@ -91,7 +121,7 @@ def collect_images(spec: str | os.PathLike) -> list[Path]:
             raise WeDetectError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {path}")
         return files
     if path.is_file() and path.suffix.lower() in {".txt", ".lst", ".list"}:
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        lines = [ln.strip() for ln in read_text(path, "image list").splitlines()]
         entries = [ln for ln in lines if ln and not ln.startswith("#")]
         if not entries:
             raise WeDetectError(f"image list {path} is empty")

@@ -14,8 +14,15 @@ import torch
 from PIL import Image
 
 from ..structures import LetterboxMeta
+from .io import ImageReadError
 
 PAD_VALUE = 114
+
+
+def _check_resized(h: int, w: int, h1: int, w1: int, size: int) -> None:
+    # The official code crashes here (a 0-pixel resize); an ImageReadError lets the caller skip the image.
+    if h1 < 1 or w1 < 1:
+        raise ImageReadError(f"a {w}x{h} image is too thin for a {size} input: one side would shrink to 0 pixels")
 
 
 def detector_geometry(h: int, w: int, size: int) -> tuple[int, int, LetterboxMeta]:
@@ -23,6 +30,7 @@ def detector_geometry(h: int, w: int, size: int) -> tuple[int, int, LetterboxMet
     at bottom/right, per-axis scale factors from the integer sizes."""
     r = min(size / max(h, w), size / min(h, w))  # a Python float, as the official code computes it
     h1, w1 = (h, w) if r == 1 else (int(h * r), int(w * r))
+    _check_resized(h, w, h1, w1, size)
     top, left = (size - h1) // 2, (size - w1) // 2
     pad = (float(top), float(size - h1 - top), float(left), float(size - w1 - left))
     return h1, w1, LetterboxMeta(orig_size=(h, w), input_size=size, scale=(w1 / w, h1 / h), pad=pad)
@@ -46,6 +54,7 @@ def uni_geometry(h: int, w: int, size: int) -> tuple[int, int, LetterboxMeta]:
     """WeDetect-Uni's resized (h1, w1) and meta: round() sizes, one ratio, float half-pads."""
     r = min(size / w, size / h)
     h1, w1 = int(round(h * r)), int(round(w * r))
+    _check_resized(h, w, h1, w1, size)
     dw, dh = size - w1, size - h1
     return h1, w1, LetterboxMeta(orig_size=(h, w), input_size=size, scale=(r, r), pad=(dh / 2, dh / 2, dw / 2, dw / 2))
 

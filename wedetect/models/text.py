@@ -16,7 +16,8 @@ TOKENIZER_HELP = (
     "The XLM-R tokenizer is needed to embed text. Pass --tokenizer PATH (a tokenizer.json file, a folder "
     "holding tokenizer.json, or a sentencepiece.bpe.model with `pip install wedetect[sentencepiece]`). "
     "Get it from https://huggingface.co/FacebookAI/xlm-roberta-base (tokenizer.json; tiny/base and "
-    "large share it), or pass the hub name 'FacebookAI/xlm-roberta-base' when online."
+    "large share it), or pass the hub name 'FacebookAI/xlm-roberta-base' when online; $WEDETECT_TOKENIZER "
+    "gives a default."
 )
 
 
