@@ -106,6 +106,7 @@ def test_output_paths_and_inputs_are_checked_before_loading(tmp_path, demo_image
         (["--classes", "狗,猫,狗"], "狗 more than once"),
         (["--classes-file", gbk], "classes.txt is not UTF-8 text"),
         (["--classes", "鞋", "--images", demo_image, "--images", tmp_path / "nope.jpg"], "nope.jpg: no such file"),
+        (["--classes", "鞋", "--device", "gpu7"], "unknown device 'gpu7'"),
     ]
     for args, message in cases:
         res = _run("detect", "--checkpoint", none, *args)

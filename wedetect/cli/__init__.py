@@ -30,6 +30,7 @@ from .common import (
     Tokenizer,
     UniCheckpoint,
     check_compile_mode,
+    check_device,
     check_outputs,
     emit_json,
     info,
@@ -143,6 +144,7 @@ def detect(
 
     with user_errors():
         check_compile_mode(compile)
+        check_device(device)
         names = class_prompts(classes, classes_file)
         paths = collect_images(images or [DEMO_IMAGE])
         check_outputs(output_dir, json_out)
@@ -204,6 +206,7 @@ def propose(
 
     with user_errors():
         check_compile_mode(compile)
+        check_device(device)
         paths = collect_images(images or [DEMO_IMAGE])
         check_outputs(output_dir, json_out)
         if output_dir is None and json_out is None:

@@ -35,6 +35,13 @@ def check_compile_mode(value: Optional[str]) -> None:
         raise WeDetectError(f"--compile must be one of {', '.join(COMPILE_MODES)}, not {value!r}")
 
 
+def check_device(device: str) -> None:
+    """--device (unknown, or CUDA without a GPU) is checked before a checkpoint is loaded."""
+    from ..inference import resolve_device
+
+    resolve_device(device)
+
+
 Compile = Annotated[Optional[str], typer.Option("--compile", help="torch.compile the network: default, reduce-overhead (CUDA graphs) or max-autotune; the first batch compiles.")]
 ChannelsLast = Annotated[bool, typer.Option("--channels-last", help="NHWC activations (faster on tensor-core GPUs).")]
 DeviceLetterbox = Annotated[

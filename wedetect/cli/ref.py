@@ -17,6 +17,7 @@ from .common import (
     JsonOut,
     OutputDir,
     Quiet,
+    check_device,
     check_outputs,
     emit_json,
     info,
@@ -80,6 +81,7 @@ def ref(
     with user_errors():
         for q in query:
             check_query(q)
+        check_device(device)
         paths = collect_images(image)
         if (uni_checkpoint is None) == (boxes is None):
             raise WeDetectError("give exactly one of --uni-checkpoint (propose boxes) or --boxes (score given boxes)")
