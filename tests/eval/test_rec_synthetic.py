@@ -477,8 +477,9 @@ def test_cli_runs_the_model_path_through_the_scorer(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(rec_eval, "_ref_scorer", fake_scorer)
     saved = tmp_path / "saved.npz"
     result = CliRunner().invoke(_cli(), ["eval", "rec", str(tmp_path), "--ref-checkpoint", str(tmp_path / "ref"),
-                                         "--device", "cpu", "--save-scores", str(saved), "--json", "-"])
+                                         "--device", "cpu", "--save-scores", str(saved), "--json", "-", "-q"])
     assert result.exit_code == 0, result.output
+    assert "scoring" not in result.output  # -q: no progress bar
     assert json.loads(result.stdout)["results"]["first_hit_rank"] == [1, 1]
     assert [m.tolist() for m in load_model_scores(saved, load_rec_dataset("refcoco", tmp_path))] == [
         [[0.5, pytest.approx(0.6)]], [[0.5]]]

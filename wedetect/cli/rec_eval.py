@@ -15,7 +15,7 @@ from typing import Any, Optional
 import numpy as np
 import typer
 
-from wedetect.cli.common import emit_json, user_errors
+from wedetect.cli.common import Quiet, emit_json, quiet_transformers, user_errors
 from wedetect.eval.rec import (
     D3_SUBSETS,
     GREFCOCO_SPLITS,
@@ -162,6 +162,7 @@ def rec(
         None, "--dtype",
         help="WeDetect-Ref dtype (default: bfloat16 on cuda, float32 on cpu); WeDetect-Uni runs in float32."
     ),
+    quiet: Quiet = False,
 ) -> None:
     """Evaluate referring-expression detection with the official post-processing and metrics."""
     if (scores is None) == (ref_checkpoint is None):
@@ -197,8 +198,10 @@ def rec(
             matrices = load_model_scores(scores, data)
             source = {"scores": str(scores)}
         else:
+            if quiet:
+                quiet_transformers()
             scorer = _ref_scorer(ref_checkpoint, device, dtype)
-            matrices = score_dataset(data, scorer, root)
+            matrices = score_dataset(data, scorer, root, progress=not quiet)
             source = {"ref_checkpoint": str(ref_checkpoint), "device": device, "dtype": dtype}
             if proposals is not None:
                 source["uni_checkpoint"] = str(uni_checkpoint)
